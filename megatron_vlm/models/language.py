@@ -1,0 +1,225 @@
+"""The Qwen2.5-VL language model on Megatron-Core building blocks.
+
+Megatron-Core supplies the tensor-parallel pieces (VocabParallelEmbedding, Column/RowParallelLinear,
+TransformerBlock/TransformerLayer, the fused-QKV GQA layout and its sharded checkpoint logic). Two
+pieces are ours, because Megatron's versions assume CUDA and one long sequence:
+
+* ``MRopeSelfAttention`` applies our multimodal rotary embedding (per-token cos/sin tables computed
+  once per forward from the [3, T] positions) and calls
+* ``VarlenCoreAttention``, which attends within each packed document (``cu_seqlens``) through the
+  backends of ``models/attention.py``.
+
+Parameter names follow Megatron's GPTModel (``embedding.word_embeddings``, ``decoder.layers.N...``,
+``decoder.final_layernorm``, ``output_layer``) so Megatron users recognise the checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_vlm.config import LanguageConfig
+from megatron_vlm.kernels.mrope import apply_mrope, inverse_frequencies, mrope_cos_sin
+from megatron_vlm.models.attention import varlen_attention
+from megatron_vlm.models.norms import RMSNorm
+
+
+def language_transformer_config(
+    cfg: LanguageConfig,
+    tensor_parallel_size: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    recompute: bool = False,
+    init_weights: bool = True,
+) -> TransformerConfig:
+    """Megatron TransformerConfig for the Qwen2.5 decoder (CPU-safe: no fusions, CPU init)."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_kv_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=tensor_parallel_size,
+        sequence_parallel=False,
+        use_cpu_initialization=True,
+        perform_initialization=init_weights,  # off when a checkpoint overwrites every weight
+        init_method_std=0.02,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+    )
+
+
+class VarlenCoreAttention(MegatronModule):
+    """Core attention over packed documents; the only attention the LM uses.
+
+    Inputs are Megatron's [S, B, H, D]. With ``packed_seq_params`` the batch must be one packed row
+    and its ``cu_seqlens_q`` marks the documents; without it every batch row is one document.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str = "self", attention_dropout: Optional[float] = None,
+                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 pg_collection=None):
+        super().__init__(config=config)
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"the Qwen2.5 decoder is causal; got attn_mask_type {attn_mask_type}")
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
+        seq, batch, heads, dim = query.shape
+        if packed_seq_params is not None:
+            if batch != 1:
+                raise ValueError(f"packed rows come one per micro-batch; got batch size {batch}")
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            max_seqlen = packed_seq_params.max_seqlen_q
+        else:
+            cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=query.device)
+            max_seqlen = seq
+
+        def to_thd(t):  # [S, B, H, D] -> [B*S, H, D], documents contiguous
+            return t.transpose(0, 1).reshape(batch * seq, t.shape[2], dim)
+
+        out = varlen_attention(to_thd(query), to_thd(key), to_thd(value), cu_seqlens, max_seqlen,
+                               causal=True, softmax_scale=self.softmax_scale)
+        return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()
+
+
+class MRopeSelfAttention(SelfAttention):
+    """Self-attention with multimodal rotary embedding applied from per-token cos/sin tables.
+
+    ``rotary_pos_emb`` is the (cos, sin) pair of [S, B, head_dim] tables made once per forward by
+    ``Qwen25LanguageModel``; Megatron's own rotary path is bypassed.
+    """
+
+    def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
+                attention_bias=None, packed_seq_params=None, sequence_len_offset=None, **unused):
+        if inference_context is not None:
+            raise NotImplementedError("KV-cache inference is not supported; decode by full recompute")
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        if rotary_pos_emb is not None:
+            cos, sin = rotary_pos_emb
+            query, key = apply_mrope(query, key, cos, sin)
+        context = self.core_attention(query, key, value, attention_mask,
+                                      attn_mask_type=self.attn_mask_type, packed_seq_params=packed_seq_params)
+        return self.linear_proj(context)
+
+
+def qwen25_layer_spec() -> ModuleSpec:
+    """One Qwen2.5 decoder layer: pre-RMSNorm GQA attention (qkv bias) and pre-RMSNorm SwiGLU MLP."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=MRopeSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=tensor_parallel.ColumnParallelLinear,
+                    core_attention=VarlenCoreAttention,
+                    linear_proj=tensor_parallel.RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=tensor_parallel.ColumnParallelLinear,
+                    linear_fc2=tensor_parallel.RowParallelLinear,
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class Qwen25LanguageModel(MegatronModule):
+    """Token embedding -> Megatron TransformerBlock with mRoPE -> final RMSNorm -> vocab projection."""
+
+    def __init__(self, config: TransformerConfig, lm: LanguageConfig):
+        super().__init__(config=config)
+        self.lm = lm
+        self.embedding = LanguageModelEmbedding(
+            config=config, vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
+            position_embedding_type="rope",  # no learned positions: rotary is applied in attention
+        )
+        self.decoder = TransformerBlock(config=config, spec=qwen25_layer_spec(), post_layer_norm=True,
+                                        pre_process=True, post_process=True)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            lm.hidden_size, lm.vocab_size, config=config, init_method=config.init_method, bias=False,
+            gather_output=False, skip_bias_add=False,
+            skip_weight_param_allocation=lm.tie_word_embeddings,
+        )
+        # A plain attribute, not a buffer: ``model.to(bf16)`` must not round the frequencies.
+        self.inv_freq = inverse_frequencies(lm.head_dim, lm.rope_theta)
+
+    def set_rope_theta(self, rope_theta: float) -> None:
+        """Change the rope base (LongPT: 1e6 -> 4e6); no weights change."""
+        self.lm.rope_theta = float(rope_theta)
+        self.inv_freq = inverse_frequencies(self.lm.head_dim, self.lm.rope_theta)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [S, B, H] embeddings (Megatron's sequence-first layout)."""
+        return self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
+
+    def rotary_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [S, B, head_dim] from 3-D positions [3, B, S]; computed once per forward."""
+        _, batch, seq = position_ids.shape
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        cos, sin = mrope_cos_sin(position_ids.transpose(1, 2).reshape(3, seq * batch), self.inv_freq,
+                                 self.lm.mrope_section)
+        return cos.view(seq, batch, -1), sin.view(seq, batch, -1)
+
+    def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        """[S, B, H] input embeddings -> [S, B, V / tp] logits (this rank's vocabulary shard)."""
+        rotary = self.rotary_tables(position_ids)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
+                              packed_seq_params=packed_seq_params)
+        weight = self.embedding.word_embeddings.weight if self.lm.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return logits
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.lm.tie_word_embeddings:  # the output projection *is* the embedding: store it once
+            sd.pop(f"{prefix}output_layer.weight", None)
+        return sd

@@ -1,0 +1,95 @@
+"""Qwen2.5-VL: the ViT encodes page images, the patch merger maps them to the LM width, the image
+embeddings replace the ``<|image_pad|>`` token embeddings, and the mRoPE decoder reads the result.
+
+Tensor parallelism applies to the language model (Megatron layers); the vision tower is replicated
+on every TP rank (it is ~7% of the 7B's FLOPs at 128K and its inputs are the same on each rank).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlm.config import Qwen25VLConfig
+from megatron_vlm.models.language import Qwen25LanguageModel, language_transformer_config
+from megatron_vlm.models.vision import Qwen25VisionModel
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None) -> PackedSeqParams:
+    """Describe a packed row: ``cu_seqlens`` [N+1] int32 document borders (0 ... T)."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    if max_seqlen is None:  # one host read; loaders precompute it to keep the step sync-free
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+def scatter_image_embeddings(embeddings: torch.Tensor, input_ids: torch.Tensor,
+                             image_embeddings: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Put image embeddings [N, H] into the ``<|image_pad|>`` slots of embeddings [S, B, H]."""
+    slots = (input_ids == image_token_id).transpose(0, 1)  # [S, B], like the embeddings
+    if slots.shape != embeddings.shape[:2]:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} do not match embeddings {tuple(embeddings.shape)}")
+    num_slots = int(slots.sum())
+    if num_slots != image_embeddings.shape[0]:
+        raise ValueError(
+            f"the text has {num_slots} <|image_pad|> tokens but the images give {image_embeddings.shape[0]} "
+            "embeddings: each image needs exactly (h/28)*(w/28) pad tokens for its resized size")
+    return embeddings.masked_scatter(slots.unsqueeze(-1), image_embeddings.to(embeddings.dtype))
+
+
+class Qwen25VLModel(MegatronModule):
+    def __init__(self, config: Qwen25VLConfig, params_dtype: torch.dtype = torch.float32,
+                 recompute: bool = False, init_weights: bool = True):
+        transformer_config = language_transformer_config(
+            config.language, parallel_state.get_tensor_model_parallel_world_size(), params_dtype, recompute,
+            init_weights)
+        super().__init__(config=transformer_config)
+        self.model_config = config
+        self.vision = Qwen25VisionModel(config.vision)
+        self.vision.recompute = recompute
+        self.language_model = Qwen25LanguageModel(transformer_config, config.language)
+        self.to(params_dtype)  # norms and the vision tower too, as HF keeps them in the model dtype
+
+    def set_rope_theta(self, rope_theta: float) -> None:
+        self.model_config.language.rope_theta = float(rope_theta)
+        self.language_model.set_rope_theta(rope_theta)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+        labels: Optional[torch.Tensor] = None,
+        vision_plan=None,
+    ) -> torch.Tensor:
+        """input_ids [B, S] (B = 1 for a packed row), position_ids [3, B, S] (see data.rope_index).
+
+        Returns this rank's vocabulary shard of the logits [B, S, V/tp], or with ``labels`` the
+        per-token cross-entropy [B, S] (fp32; masking and normalisation are the trainer's job).
+        """
+        embeddings = self.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            image_embeddings = self.vision(pixel_values, image_grid_thw, plan=vision_plan)
+            embeddings = scatter_image_embeddings(embeddings, input_ids, image_embeddings,
+                                                  self.model_config.image_token_id)
+        elif self.training and any(p.requires_grad for p in self.vision.parameters()):
+            # A micro-batch without images still puts the vision tower in the graph (zero grads),
+            # so data-parallel gradient reduction sees the same parameters on every rank.
+            embeddings = embeddings + 0.0 * sum(p.sum() for p in self.vision.parameters())
+        logits = self.language_model(embeddings, position_ids, packed_seq_params)  # [S, B, V/tp]
+        if labels is None:
+            return logits.transpose(0, 1)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
+        return loss.transpose(0, 1)
+
+
+def gather_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits from the TP shards (for evaluation and parity checks)."""
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)

@@ -1,0 +1,82 @@
+"""Process groups: torch.distributed + Megatron-Core's parallel_state, on GPU (NCCL) or CPU (gloo).
+
+One call, ``initialize_parallel(tp=..., cp=...)``, works under ``torchrun`` (reads RANK/WORLD_SIZE)
+and in a plain single process (makes a world of one), so tools, tests and training share it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tensor_parallel: int = 1
+    context_parallel: int = 1
+
+    def validate(self, world_size: int) -> None:
+        model_parallel = self.tensor_parallel * self.context_parallel
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by TP {self.tensor_parallel} "
+                             f"x CP {self.context_parallel}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_parallel(tensor_parallel: int = 1, context_parallel: int = 1, backend: str | None = None) -> None:
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
+    on_gpu = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain process: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend or ("nccl" if on_gpu else "gloo"))
+    ParallelLayout(tensor_parallel, context_parallel).validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel
+                and parallel_state.get_context_parallel_world_size() == context_parallel):
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, context_parallel_size=context_parallel,
+    )
+    if not on_gpu:
+        install_cpu_shims()
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_SHIMMED = False
+
+
+def install_cpu_shims() -> None:
+    """Let Megatron's distributed checkpointing run without CUDA.
+
+    megatron-core 0.16 calls ``torch.cuda.synchronize()`` and ``torch.cuda.current_device()`` on
+    its save/load paths; on a CPU-only machine the first is a no-op and the second means "cpu".
+    Only installed when CUDA is absent, so GPU runs are untouched.
+    """
+    global _SHIMMED
+    if _SHIMMED or torch.cuda.is_available():
+        return
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    _SHIMMED = True

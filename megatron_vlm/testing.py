@@ -1,0 +1,65 @@
+"""Small deterministic inputs and configs shared by the tests and ``convert.py verify``.
+
+Nothing here downloads anything: models are tiny random configs, images are random patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_vlm.config import Qwen25VLConfig, tiny
+
+
+@dataclass
+class Sample:
+    """One document: token ids with image placeholders, and the images' patches and grids."""
+
+    input_ids: torch.Tensor  # [S] int64
+    pixel_values: Optional[torch.Tensor]  # [num_patches, patch_dim]
+    image_grid_thw: Optional[torch.Tensor]  # [num_images, 3] int64
+
+
+def tiny_hf_config(**language_overrides) -> dict:
+    """A tiny Qwen2.5-VL config.json dict (current key layout)."""
+    cfg = tiny()
+    for key, value in language_overrides.items():
+        setattr(cfg.language, key, value)
+    return cfg.validate().to_hf_dict(torch_dtype="float32")
+
+
+def make_sample(cfg: Qwen25VLConfig, pieces: Sequence, generator: torch.Generator) -> Sample:
+    """Build a document from ``pieces``: an int is that many random text tokens, a (t, h, w) tuple
+    is an image with that patch grid (h, w even), wrapped in vision start/end tokens."""
+    ids, grids = [], []
+    text_vocab = min(cfg.language.vocab_size, 151643)  # ordinary BPE tokens, no specials
+    merge = cfg.vision.merge_unit
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(torch.randint(0, text_vocab, (piece,), generator=generator))
+        else:
+            t, h, w = piece
+            n = t * h * w // merge
+            ids.append(torch.tensor([cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]))
+            grids.append(list(piece))
+    input_ids = torch.cat(ids).long()
+    if not grids:
+        return Sample(input_ids, None, None)
+    grid = torch.tensor(grids, dtype=torch.long)
+    patches = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    pixels = torch.randn(patches, cfg.vision.patch_dim, generator=generator)
+    return Sample(input_ids, pixels, grid)
+
+
+def pack(samples: Sequence[Sample]) -> tuple[Sample, torch.Tensor]:
+    """Concatenate documents into one packed row; returns it and its ``cu_seqlens`` (int32)."""
+    lengths = torch.tensor([len(s.input_ids) for s in samples])
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(lengths, 0)
+    pix = [s.pixel_values for s in samples if s.pixel_values is not None]
+    grids = [s.image_grid_thw for s in samples if s.image_grid_thw is not None]
+    row = Sample(torch.cat([s.input_ids for s in samples]),
+                 torch.cat(pix) if pix else None, torch.cat(grids) if grids else None)
+    return row, cu

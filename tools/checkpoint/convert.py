@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Convert Qwen2.5-VL checkpoints between Hugging Face and megatron-vlm, and verify conversions.
+
+  python tools/checkpoint/convert.py hf-to-megatron --hf-dir HF --out-dir MEG [--tp N] [--rope-theta 4e6]
+  python tools/checkpoint/convert.py megatron-to-hf --in-dir MEG --out-dir HF2 [--layout current|legacy]
+  python tools/checkpoint/convert.py verify --hf-dir HF --megatron-dir MEG [--dtype fp32] [--tol X]
+
+The Megatron side is a megatron-core distributed checkpoint: written once, it loads at any
+tensor-parallel size (``--tp`` only checks that the model divides by it). ``verify`` prints the max
+abs logit difference as its last line and exits 1 above the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron distributed checkpoint")
+    h2m.add_argument("--hf-dir", required=True)
+    h2m.add_argument("--out-dir", required=True)
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for (any TP loads)")
+    h2m.add_argument("--rope-theta", type=float, default=None, help="new rope base, e.g. 4e6 for LongPT")
+    h2m.add_argument("--dtype", default="auto", help="fp32|bf16|fp16|auto (auto: the checkpoint's)")
+
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF safetensors")
+    m2h.add_argument("--in-dir", required=True)
+    m2h.add_argument("--out-dir", required=True)
+    m2h.add_argument("--layout", choices=("current", "legacy"), default="current",
+                     help="HF key names: current (transformers >= 4.52) or legacy (older)")
+    m2h.add_argument("--dtype", default="auto")
+    m2h.add_argument("--rope-theta", type=float, default=None, help="write this rope base into config.json")
+    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
+
+    ver = sub.add_parser("verify", help="compare HF and Megatron logits on fixed inputs")
+    ver.add_argument("--hf-dir", required=True)
+    ver.add_argument("--megatron-dir", required=True)
+    ver.add_argument("--dtype", default="fp32")
+    ver.add_argument("--tol", type=float, default=None, help="max abs logit diff allowed (default by dtype)")
+
+    args = parser.parse_args(argv)
+
+    import torch
+    from megatron_vlm.checkpoint import convert
+    from megatron_vlm.checkpoint.hf_mapping import CheckpointMismatch
+    from megatron_vlm.config import ConfigError
+
+    try:
+        if args.command == "hf-to-megatron":
+            convert.hf_to_megatron(args.hf_dir, args.out_dir, args.tp, args.rope_theta,
+                                   convert.parse_dtype(args.dtype))
+        elif args.command == "megatron-to-hf":
+            convert.megatron_to_hf(args.in_dir, args.out_dir, args.layout, convert.parse_dtype(args.dtype),
+                                   args.rope_theta, int(args.max_shard_size_gb * 1024**3))
+        else:
+            from megatron_vlm.checkpoint.verify import default_tolerance, verify
+
+            dtype = convert.parse_dtype(args.dtype) or torch.float32
+            tol = default_tolerance(dtype, args.tol)
+            worst = verify(args.hf_dir, args.megatron_dir, dtype)
+            verdict = "OK" if worst <= tol else f"FAIL (tolerance {tol:g})"
+            print(f"max abs logit diff: {worst:.6e} {verdict}")
+            return 0 if worst <= tol else 1
+    except (ConfigError, CheckpointMismatch, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_vlm.parallel import destroy_parallel
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
