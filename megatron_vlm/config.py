@@ -3,8 +3,9 @@
 Qwen2.5-VL configs exist in two key layouts: before transformers 4.52 the language-model keys sit at
 the top level (``hidden_size``, ``num_hidden_layers``, ...); from 4.52 on they live in
 ``text_config``. Both are read; both are written (``text_config`` plus a top-level mirror) so the
-exported directory loads in old and new transformers. ``tie_word_embeddings`` is taken from the
-top level, where transformers reads it for the whole model.
+exported directory loads in old and new transformers. ``tie_word_embeddings`` is taken from
+``text_config`` when it is there (transformers ties by ``get_text_config().tie_word_embeddings``,
+whatever the top-level copy says; checked on 4.57), else from the top level (the pre-4.52 layout).
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class Qwen25VLConfig:
         try:
             rope_scaling = text.get("rope_scaling") or hf.get("rope_scaling") or {}
             section = tuple(rope_scaling.get("mrope_section", (16, 24, 24)))
+            # transformers ties by text_config's flag; the top-level copy may disagree with it.
+            tie_source = text if "tie_word_embeddings" in text else hf
             language = LanguageConfig(
                 vocab_size=int(text["vocab_size"]),
                 hidden_size=int(text["hidden_size"]),
@@ -140,7 +143,7 @@ class Qwen25VLConfig:
                 rope_theta=float(text.get("rope_theta", 1e6)),
                 mrope_section=section,
                 max_position_embeddings=int(text.get("max_position_embeddings", 128000)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(tie_source.get("tie_word_embeddings", False)),
                 hidden_act=text.get("hidden_act", "silu"),
             )
             vision = VisionConfig(

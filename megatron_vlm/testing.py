@@ -30,6 +30,20 @@ def tiny_hf_config(**language_overrides) -> dict:
     return cfg.validate().to_hf_dict(torch_dtype="float32")
 
 
+def random_hf_model(seed: int = 0, std: float = 0.05, **language_overrides):
+    """A tiny HF Qwen2.5-VL with every weight random (norms too, so a wrong mapping shows)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(**tiny_hf_config(**language_overrides))
+    config._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
 def make_sample(cfg: Qwen25VLConfig, pieces: Sequence, generator: torch.Generator) -> Sample:
     """Build a document from ``pieces``: an int is that many random text tokens, a (t, h, w) tuple
     is an image with that patch grid (h, w even), wrapped in vision start/end tokens."""

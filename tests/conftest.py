@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 
+from megatron_vlm.testing import random_hf_model  # noqa: F401  (re-exported for tests)
+
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -28,19 +30,3 @@ def megatron_world():
 
     initialize_parallel(tensor_parallel=1)
     yield
-
-
-def random_hf_model(seed: int = 0, std: float = 0.05, **language_overrides):
-    """A tiny HF Qwen2.5-VL with every weight random (norms too, so wrong mappings show)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from megatron_vlm.testing import tiny_hf_config
-
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(**tiny_hf_config(**language_overrides))
-    config._attn_implementation = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model

@@ -132,10 +132,12 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tensor_parallel: int = 1, rope_the
     return cfg
 
 
-def megatron_to_hf(in_dir: str, out_dir: str, layout: str = "current", dtype: Optional[torch.dtype] = None,
+def megatron_to_hf(in_dir: str, out_dir: str, layout: str = "source", dtype: Optional[torch.dtype] = None,
                    rope_theta: Optional[float] = None, max_shard_bytes: int = 5 * 1024**3,
                    log: Callable[[str], None] = print) -> None:
     start = time.time()
+    if layout == "source":  # what the HF checkpoint we came from used; published Qwen repos are legacy
+        layout = dist_ckpt.read_meta(in_dir).get("hf_layout", "legacy")
     model, cfg = load_model_dir(in_dir, dtype)
     if rope_theta is not None:
         model.set_rope_theta(rope_theta)

@@ -139,6 +139,22 @@ class MRopeSelfAttention(SelfAttention):
         return self.linear_proj(context)
 
 
+def _mark_tensor_parallel_weights(module: torch.nn.Module) -> None:
+    """Tag sharded weights with Megatron's TP attributes even when they were not initialised.
+
+    Megatron sets ``tensor_model_parallel``/``partition_dim`` only inside its init functions, so a
+    model built without init (to be filled from a checkpoint) would lack them, and grad-norm
+    clipping and shard gathering would treat shards as replicas.
+    """
+    partition_dims = {tensor_parallel.VocabParallelEmbedding: 0, tensor_parallel.ColumnParallelLinear: 0,
+                      tensor_parallel.RowParallelLinear: 1}
+    for sub in module.modules():
+        dim = next((d for cls, d in partition_dims.items() if isinstance(sub, cls)), None)
+        weight = getattr(sub, "weight", None) if dim is not None else None
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
 def qwen25_layer_spec() -> ModuleSpec:
     """One Qwen2.5 decoder layer: pre-RMSNorm GQA attention (qkv bias) and pre-RMSNorm SwiGLU MLP."""
     return ModuleSpec(
@@ -187,6 +203,7 @@ class Qwen25LanguageModel(MegatronModule):
             gather_output=False, skip_bias_add=False,
             skip_weight_param_allocation=lm.tie_word_embeddings,
         )
+        _mark_tensor_parallel_weights(self)
         # A plain attribute, not a buffer: ``model.to(bf16)`` must not round the frequencies.
         self.inv_freq = inverse_frequencies(lm.head_dim, lm.rope_theta)
 

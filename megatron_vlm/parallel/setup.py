@@ -37,13 +37,15 @@ def initialize_parallel(tensor_parallel: int = 1, context_parallel: int = 1, bac
     """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain process: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = backend or ("nccl" if on_gpu else "gloo")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend or ("nccl" if on_gpu else "gloo"))
+        if "RANK" in os.environ:  # launched by torchrun / srun
+            dist.init_process_group(backend=backend)
+        else:  # a plain process: a world of one. The environment is left alone, so child
+            # processes (e.g. a tool started from a test) do not think they joined this world.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     ParallelLayout(tensor_parallel, context_parallel).validate(dist.get_world_size())
     if parallel_state.model_parallel_is_initialized():
         if (parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel

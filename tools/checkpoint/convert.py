@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     m2h = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF safetensors")
     m2h.add_argument("--in-dir", required=True)
     m2h.add_argument("--out-dir", required=True)
-    m2h.add_argument("--layout", choices=("current", "legacy"), default="current",
-                     help="HF key names: current (transformers >= 4.52) or legacy (older)")
+    m2h.add_argument("--layout", choices=("source", "current", "legacy"), default="source",
+                     help="HF key names: those of the checkpoint converted from (default), current "
+                          "(model.language_model.*, transformers >= 4.52 in memory) or legacy (model.* / "
+                          "visual.*, what published checkpoints and save_pretrained use; all versions load it)")
     m2h.add_argument("--dtype", default="auto")
     m2h.add_argument("--rope-theta", type=float, default=None, help="write this rope base into config.json")
     m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)

@@ -1,0 +1,66 @@
+"""megatron-vlm: long-context vision-language training (Qwen2.5-VL) on Megatron-Core.
+
+The CUDA extension in csrc/ is optional. It is built only when torch with CUDA is importable in the
+build environment (``pip install -e . --no-build-isolation`` on a GPU machine) and
+``MEGATRON_VLM_SKIP_CUDA_EXT`` is not set; a CPU install never needs nvcc. Without it, the
+pure-PyTorch (and Triton, where present) paths are used.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_extensions():
+    if os.environ.get("MEGATRON_VLM_SKIP_CUDA_EXT", "0") not in ("", "0"):
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
+                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    if not sources:
+        return [], {}
+    try:  # torch is only importable here without build isolation
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return [], {}
+    if CUDA_HOME is None:
+        return [], {}
+    ext = CUDAExtension(
+        name="megatron_vlm._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extensions()
+
+setup(
+    name="megatron-vlm",
+    version="0.1.0",
+    description="Long-context continued pre-training of Qwen2.5-VL on Megatron-Core (MMProLong recipe)",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_vlm", "megatron_vlm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Install torch first (CPU: `pip install torch==2.13.0`); this range never pulls another.
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.20",
+        "transformers>=4.51",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "transformers==4.57.3"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

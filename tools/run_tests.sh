@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command (README.md, .ci/run): installs what the tests need, then runs the CPU suite.
+# GPU tests are marked and skip themselves without CUDA. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+# torch first, and only the local CPU build: a bare `pip install torch` would pull GBs of CUDA wheels.
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+fi
+"$PY" -m pip install -q -e ".[dev]"
+
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+exec "$PY" -m pytest -q "$@"
