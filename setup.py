@@ -57,6 +57,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
     ],
     extras_require={
         "dev": ["pytest>=8", "transformers==4.57.3"],

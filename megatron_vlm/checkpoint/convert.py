@@ -86,13 +86,14 @@ def model_hf_tensors(model: torch.nn.Module, cfg: Qwen25VLConfig, layout: str = 
     return megatron_to_hf_stream(cfg, params.__getitem__, layout)
 
 
-def build_model(cfg: Qwen25VLConfig, dtype: torch.dtype, tensor_parallel: int = 1, init: bool = True):
+def build_model(cfg: Qwen25VLConfig, dtype: torch.dtype, tensor_parallel: int = 1, init: bool = True,
+                recompute: bool = False):
     """A Megatron model at the given TP (initialising the process groups if needed)."""
     from megatron_vlm.models.qwen2_5_vl import Qwen25VLModel
     from megatron_vlm.parallel import initialize_parallel
 
     initialize_parallel(tensor_parallel=tensor_parallel)
-    return Qwen25VLModel(cfg, params_dtype=dtype, init_weights=init)
+    return Qwen25VLModel(cfg, params_dtype=dtype, init_weights=init, recompute=recompute)
 
 
 def load_model_dir(directory: str, dtype: Optional[torch.dtype] = None, tensor_parallel: int = 1):

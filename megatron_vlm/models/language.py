@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -43,7 +44,6 @@ def language_transformer_config(
     cfg: LanguageConfig,
     tensor_parallel_size: int = 1,
     params_dtype: torch.dtype = torch.float32,
-    recompute: bool = False,
     init_weights: bool = True,
 ) -> TransformerConfig:
     """Megatron TransformerConfig for the Qwen2.5 decoder (CPU-safe: no fusions, CPU init)."""
@@ -76,9 +76,6 @@ def language_transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
-        recompute_granularity="full" if recompute else None,
-        recompute_method="uniform" if recompute else None,
-        recompute_num_layers=1 if recompute else None,
     )
 
 
@@ -139,6 +136,21 @@ class MRopeSelfAttention(SelfAttention):
         return self.linear_proj(context)
 
 
+class Qwen25DecoderLayer(TransformerLayer):
+    """Megatron's TransformerLayer with optional full activation recompute per layer.
+
+    Uses ``torch.utils.checkpoint`` (non-reentrant) rather than Megatron's block-level recompute,
+    which saves CUDA RNG states and so cannot run on CPU; there is no dropout, so nothing is lost.
+    """
+
+    recompute: bool = False
+
+    def forward(self, *args, **kwargs):
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
 def _mark_tensor_parallel_weights(module: torch.nn.Module) -> None:
     """Tag sharded weights with Megatron's TP attributes even when they were not initialised.
 
@@ -158,7 +170,7 @@ def _mark_tensor_parallel_weights(module: torch.nn.Module) -> None:
 def qwen25_layer_spec() -> ModuleSpec:
     """One Qwen2.5 decoder layer: pre-RMSNorm GQA attention (qkv bias) and pre-RMSNorm SwiGLU MLP."""
     return ModuleSpec(
-        module=TransformerLayer,
+        module=Qwen25DecoderLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
@@ -189,7 +201,7 @@ def qwen25_layer_spec() -> ModuleSpec:
 class Qwen25LanguageModel(MegatronModule):
     """Token embedding -> Megatron TransformerBlock with mRoPE -> final RMSNorm -> vocab projection."""
 
-    def __init__(self, config: TransformerConfig, lm: LanguageConfig):
+    def __init__(self, config: TransformerConfig, lm: LanguageConfig, recompute: bool = False):
         super().__init__(config=config)
         self.lm = lm
         self.embedding = LanguageModelEmbedding(
@@ -203,6 +215,8 @@ class Qwen25LanguageModel(MegatronModule):
             gather_output=False, skip_bias_add=False,
             skip_weight_param_allocation=lm.tie_word_embeddings,
         )
+        for layer in self.decoder.layers:
+            layer.recompute = recompute
         _mark_tensor_parallel_weights(self)
         # A plain attribute, not a buffer: ``model.to(bf16)`` must not round the frequencies.
         self.inv_freq = inverse_frequencies(lm.head_dim, lm.rope_theta)

@@ -46,13 +46,12 @@ class Qwen25VLModel(MegatronModule):
     def __init__(self, config: Qwen25VLConfig, params_dtype: torch.dtype = torch.float32,
                  recompute: bool = False, init_weights: bool = True):
         transformer_config = language_transformer_config(
-            config.language, parallel_state.get_tensor_model_parallel_world_size(), params_dtype, recompute,
-            init_weights)
+            config.language, parallel_state.get_tensor_model_parallel_world_size(), params_dtype, init_weights)
         super().__init__(config=transformer_config)
         self.model_config = config
         self.vision = Qwen25VisionModel(config.vision)
         self.vision.recompute = recompute
-        self.language_model = Qwen25LanguageModel(transformer_config, config.language)
+        self.language_model = Qwen25LanguageModel(transformer_config, config.language, recompute)
         self.to(params_dtype)  # norms and the vision tower too, as HF keeps them in the model dtype
 
     def set_rope_theta(self, rope_theta: float) -> None:

@@ -70,15 +70,43 @@ _SHIMMED = False
 
 
 def install_cpu_shims() -> None:
-    """Let Megatron's distributed checkpointing run without CUDA.
+    """Let Megatron's distributed checkpointing run without CUDA, and without forking.
 
     megatron-core 0.16 calls ``torch.cuda.synchronize()`` and ``torch.cuda.current_device()`` on
     its save/load paths; on a CPU-only machine the first is a no-op and the second means "cpu".
-    Only installed when CUDA is absent, so GPU runs are untouched.
+    Its file writer also forks one writer process per bucket and waits on a queue for each; a
+    child that dies before reporting leaves the parent waiting forever (seen here: a fresh venv
+    without psutil hung in that join), and forking a process that runs gloo/OpenMP threads is
+    unsafe anyway. On CPU the buckets are written in-process, so errors surface as exceptions. Only installed when CUDA is
+    absent, so GPU runs keep Megatron's asynchronous writer.
     """
     global _SHIMMED
     if _SHIMMED or torch.cuda.is_available():
         return
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(_write_buckets_in_process)
     _SHIMMED = True
+
+
+def _write_buckets_in_process(transform_list, use_msc, rank, write_buckets, global_results_queue) -> None:
+    """Megatron's ``write_preloaded_data_multiproc`` contract, one bucket after another in this
+    process: per-bucket results keyed by bucket index, or the first exception, into the queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    results: dict | Exception = {}
+    for index, bucket in enumerate(write_buckets):
+        local_results, done = queue.Queue(), queue.Queue()
+        done.put(index)
+        FileSystemWriterAsync.write_preloaded_data(transform_list, index, bucket, local_results, done, True,
+                                                   use_msc=use_msc)
+        _, outcome = local_results.get()
+        if isinstance(outcome, Exception):
+            results = outcome
+            break
+        results[index] = outcome
+    global_results_queue.put(results)

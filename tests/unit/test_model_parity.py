@@ -127,3 +127,43 @@ def test_wrong_number_of_image_tokens_is_a_clear_error(models):
     positions = torch.zeros(3, 1, len(sample.input_ids), dtype=torch.long)
     with pytest.raises(ValueError, match="image_pad"):
         ours(sample.input_ids[None], positions, pixels, grid)
+
+
+def _loss_and_grads(model, sample, labels):
+    model.zero_grad(set_to_none=True)
+    positions = mrope_positions(sample.input_ids, sample.image_grid_thw)[:, None, :]
+    loss = model(sample.input_ids[None], positions, sample.pixel_values, sample.image_grid_thw, labels=labels)
+    loss.mean().backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_recompute_gives_identical_loss_and_grads(megatron_world):
+    hf = random_hf_model(seed=6)
+    cfg = Qwen25VLConfig.from_hf_dict(hf.config.to_dict())
+    state = hf.state_dict()
+    plain, recomputed = build_model(cfg, torch.float32), build_model(cfg, torch.float32, recompute=True)
+    for model in (plain, recomputed):
+        load_hf_tensors(model, cfg, state.keys(), state.__getitem__)
+        model.train()
+    sample = make_sample(cfg, [5, (1, 4, 8), 9], torch.Generator().manual_seed(2))
+    labels = torch.roll(sample.input_ids, -1)[None]
+    loss_a, grads_a = _loss_and_grads(plain, sample, labels)
+    loss_b, grads_b = _loss_and_grads(recomputed, sample, labels)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == len(list(plain.parameters()))
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_text_only_micro_batch_keeps_vision_tower_in_the_graph(models):
+    _, ours, cfg = models
+    sample = make_sample(cfg, [30], torch.Generator().manual_seed(3))
+    ours.train()
+    try:
+        _, grads = _loss_and_grads(ours, sample, torch.roll(sample.input_ids, -1)[None])
+    finally:
+        ours.eval()
+        ours.zero_grad(set_to_none=True)
+    vision = {n: g for n, g in grads.items() if n.startswith("vision.")}
+    assert len(vision) == len(list(ours.vision.parameters()))  # every DP rank reduces the same set
+    assert all(torch.count_nonzero(g) == 0 for g in vision.values())
