@@ -146,7 +146,7 @@ def megatron_to_hf(in_dir: str, out_dir: str, layout: str = "source", dtype: Opt
     with open(os.path.join(in_dir, "config.json")) as f:
         base = json.load(f)
     out_dtype = dtype or next(model.parameters()).dtype
-    names = write_hf_checkpoint(model_hf_tensors(model, cfg, layout), out_dir, max_shard_bytes, out_dtype)
+    names = write_hf_checkpoint(lambda: model_hf_tensors(model, cfg, layout), out_dir, max_shard_bytes, out_dtype)
     _write_json(os.path.join(out_dir, "config.json"), cfg.to_hf_dict(base=base, torch_dtype=_dtype_name(out_dtype)))
     assets = os.path.join(in_dir, HF_ASSETS)
     if os.path.isdir(assets):

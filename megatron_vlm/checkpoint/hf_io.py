@@ -1,19 +1,19 @@
 """Reading and writing Hugging Face safetensors checkpoints one tensor at a time.
 
 Reading opens each shard lazily (``safe_open`` memory-maps it), so converting a 7B model never
-holds more than the model being filled plus one layer's tensors. Writing fills shards up to a size
-limit and writes ``model.safetensors.index.json`` when there is more than one, atomically.
+holds more than the model being filled plus one layer's tensors. Writing streams tensors into shards
+of a size limit (one tensor copy alive at a time) and writes ``model.safetensors.index.json`` when
+there is more than one; every file is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -64,56 +64,84 @@ class HFCheckpointReader:
         return self.load(name).dtype
 
 
-def write_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], directory: str,
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _write_safetensors(path: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                       tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Stream tensors into one safetensors file whose header is known in advance.
+
+    ``safetensors.save_file`` wants every tensor of a file in memory at once (and refuses views
+    that share storage, as q/k/v split from one fused tensor do); writing the format directly
+    keeps at most one tensor's copy alive.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for (name, dtype, shape), (got_name, tensor) in zip(entries, tensors):
+            if got_name != name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise RuntimeError(f"tensor stream changed between passes at {name} / {got_name}")
+            f.write(memoryview(tensor.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_hf_checkpoint(tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], directory: str,
                         max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None) -> list[str]:
-    """Write (name, tensor) pairs as safetensors shards; returns the names written, in order."""
+    """Write (name, tensor) pairs as safetensors shards (+ index when more than one).
+
+    ``tensors`` is called twice and must yield the same sequence each time: once to plan the shards
+    from names, dtypes and shapes, once to write. Files appear under their final names only when
+    complete. Returns the names written, in order.
+    """
     os.makedirs(directory, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+
+    def converted() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors():
+            tensor = tensor.detach()
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            yield name, tensor
+
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
     shard_bytes = 0
-    files: list[str] = []
-    weight_map: dict[str, str] = {}
-    order: list[str] = []
-
-    def flush() -> None:
-        nonlocal shard_bytes
-        if not shards[-1]:
-            return
-        tmp_name = f"model-{len(files) + 1:05d}.safetensors"
-        tmp_path = os.path.join(directory, tmp_name + ".tmp")
-        save_file(shards[-1], tmp_path, metadata={"format": "pt"})
-        files.append(tmp_name)
-        for n in shards[-1]:
-            weight_map[n] = tmp_name
-        shards[-1] = {}
-        shard_bytes = 0
-
-    for name, tensor in tensors:
-        tensor = tensor.detach()
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+    for name, tensor in converted():
         size = tensor.numel() * tensor.element_size()
         if shards[-1] and shard_bytes + size > max_shard_bytes:
-            flush()
-        # A copy: split views (q/k/v of one fused tensor) share storage, which safetensors refuses.
-        shards[-1][name] = tensor.contiguous().clone()
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append((name, tensor.dtype, tuple(tensor.shape)))
         shard_bytes += size
-        order.append(name)
-    flush()
 
-    total = len(files)
-    final_names = {f: (SINGLE_FILE if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors")
-                   for i, f in enumerate(files)}
-    for tmp_name, final in final_names.items():
-        os.replace(os.path.join(directory, tmp_name + ".tmp"), os.path.join(directory, final))
+    total = len(shards)
+    files = [SINGLE_FILE] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    stream = converted()
+    for file, entries in zip(files, shards):
+        tmp = os.path.join(directory, file + ".tmp")
+        _write_safetensors(tmp, entries, (next(stream) for _ in entries))
+        os.replace(tmp, os.path.join(directory, file))
     if total > 1:
-        total_size = sum(os.path.getsize(os.path.join(directory, f)) for f in final_names.values())
+        total_size = sum(os.path.getsize(os.path.join(directory, f)) for f in files)
         index = {"metadata": {"total_size": total_size},
-                 "weight_map": {n: final_names[f] for n, f in weight_map.items()}}
+                 "weight_map": {name: file for file, entries in zip(files, shards) for name, _, _ in entries}}
         tmp = os.path.join(directory, INDEX_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(index, f, indent=2)
         os.replace(tmp, os.path.join(directory, INDEX_FILE))
-    return order
+    return [name for entries in shards for name, _, _ in entries]
 
 
 def non_weight_files(directory: str) -> Iterator[str]:

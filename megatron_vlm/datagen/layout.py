@@ -1,0 +1,302 @@
+"""Label a document's text blocks: title, section, paragraph, list, table, caption, header, footer
+(and figure for raster images), from the text layer alone.
+
+The paper parses rendered pages with an OCR expert model; we approximate its labels with the PDF's
+own structure, which is exact where it exists and cheap everywhere:
+
+- font statistics over the whole document: the body size is the size most characters have, so a
+  heading is "larger or bolder than the body, short, not a sentence";
+- the outline (TOC): an outline entry names a heading on a given page, which fixes its level;
+- position and repetition across pages: running headers and footers sit in the top/bottom margin
+  and repeat (page numbers masked) on many pages;
+- PyMuPDF's ruled-table detector: blocks inside a table become one table block with its cells.
+
+Everything here is pure Python over the dataclasses of :mod:`megatron_vlm.datagen.pdf`, so it is
+fast (linear in blocks) and testable without PDFs.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from megatron_vlm.datagen.pdf import PageContent, TextBlock, TocEntry
+
+LABELS = ("title", "section", "paragraph", "list", "table", "caption", "header", "footer", "figure")
+
+
+@dataclass
+class Block:
+    """One labelled block: what the synthesis stage and OCR-transcription targets read."""
+
+    label: str
+    bbox: tuple[float, float, float, float]  # points, page space (origin top-left)
+    text: str
+    level: Optional[int] = None  # sections: 1 = top level
+    rows: Optional[list[list[str]]] = None  # tables: cell text, rows x columns
+
+
+@dataclass
+class LayoutConfig:
+    """Thresholds of the heuristics (fractions of the page height or of the body font size)."""
+
+    margin_fraction: float = 0.12  # header/footer zone at the top and bottom of the page
+    min_repeats: int = 3  # pages a header/footer text must repeat on (2 for documents <= 4 pages)
+    repeat_fraction: float = 0.25  # ... or at least this share of the pages with text
+    heading_size_ratio: float = 1.15  # a heading is this much larger than the body ...
+    bold_heading_max_chars: int = 120  # ... or bold, at body size, and at most this long
+    heading_max_chars: int = 200
+    heading_max_lines: int = 3
+    title_size_ratio: float = 1.4
+    title_pages: int = 2  # the title is looked for on the first pages only
+    max_table_rows: int = 300
+    max_table_cols: int = 60
+
+
+@dataclass
+class FontStats:
+    """Font facts of one document."""
+
+    body_size: float
+    heading_sizes: list[float] = field(default_factory=list)  # distinct, largest first
+
+
+_CAPTION = re.compile(
+    r"^\s*(fig(ure)?|table|tab|chart|exhibit|listing|plate|diagram|graph|photo|scheme|algorithm|"
+    r"abbildung|abb|tabelle|tableau|tabla|figura|图|表)\s*\.?\s*([0-9]+|[ivxlc]+\b|[a-z]\b|[一二三四五六七八九十]+)",
+    re.IGNORECASE,
+)
+_BULLET = re.compile(r"^\s*([\u2022\u2023\u25e6\u2043\u2219\u25aa\u25cf\u25a0\u25a1\u2013\u2014\-\*\u00b7\u2192>]"
+                     r"|\(?[0-9]{1,2}[.)]|\(?[a-z][.)]|\(?[ivx]{1,4}[.)])\s+\S", re.IGNORECASE)
+_NUMBERED_HEADING = re.compile(r"^\s*((chapter|section|part|appendix|kapitel|第)\s+)?([0-9]+(\.[0-9]+)*|[A-Z](\.[0-9]+)*|[IVX]+)\.?\s+\S")
+_TOC_LINE = re.compile(r"(\.\s*){4,}\s*\d*$|^\s*[0-9]+(\.[0-9]+)*\.?\s+\D.*\s[0-9ivxlc]{1,4}$", re.IGNORECASE)
+_PAGE_NUMBER = re.compile(r"^((page|seite|p\.)\s*)?(#+|[ivxlc]+)(\s*(of|/|von)\s*#+)?$|^-\s*#+\s*-$", re.IGNORECASE)
+
+
+def _norm(text: str) -> str:
+    """Compare-key for text: NFKC, case-folded, digits masked, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = re.sub(r"\d+", "#", text)
+    return " ".join(text.split())
+
+
+def _norm_heading(text: str) -> str:
+    """Compare-key for headings vs outline titles: letters and digits only."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if ch.isalnum())
+
+
+def font_stats(pages: Sequence[PageContent]) -> FontStats:
+    """Body size = the font size carrying the most characters in the document."""
+    by_size: Counter = Counter()
+    for page in pages:
+        for block in page.blocks:
+            by_size[block.size] += block.num_chars
+    if not by_size:
+        return FontStats(body_size=0.0)
+    body = max(by_size.items(), key=lambda kv: (kv[1], -kv[0]))[0]
+    return FontStats(body_size=body)
+
+
+def _in_margin(block: TextBlock, page: PageContent, cfg: LayoutConfig) -> Optional[str]:
+    top_limit = page.height * cfg.margin_fraction
+    bottom_limit = page.height * (1.0 - cfg.margin_fraction)
+    short = len(block.lines) <= 3 and block.num_chars <= 200
+    if not short:
+        return None
+    if block.bbox[3] <= top_limit:
+        return "header"
+    if block.bbox[1] >= bottom_limit:
+        return "footer"
+    return None
+
+
+def running_blocks(pages: Sequence[PageContent], cfg: LayoutConfig) -> set[tuple[int, int]]:
+    """(page index, block index) of running headers/footers: margin blocks whose text (page numbers
+    masked) repeats on enough pages, plus margin blocks that are just a page number."""
+    occurrences: dict[tuple[str, str], set[int]] = defaultdict(set)
+    candidates: list[tuple[int, int, str, str]] = []
+    for p, page in enumerate(pages):
+        for b, block in enumerate(page.blocks):
+            zone = _in_margin(block, page, cfg)
+            if zone:
+                key = _norm(block.text)
+                occurrences[(zone, key)].add(p)
+                candidates.append((p, b, zone, key))
+    pages_with_text = sum(1 for page in pages if page.blocks)
+    needed = 2 if pages_with_text <= 4 else max(2, min(cfg.min_repeats, round(cfg.repeat_fraction * pages_with_text)))
+    found = set()
+    for p, b, zone, key in candidates:
+        if len(occurrences[(zone, key)]) >= needed or _PAGE_NUMBER.match(key):
+            found.add((p, b))
+    return found
+
+
+def _center_inside(bbox, region, slack: float = 2.0) -> bool:
+    cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
+    return region[0] - slack <= cx <= region[2] + slack and region[1] - slack <= cy <= region[3] + slack
+
+
+def _is_list(block: TextBlock) -> bool:
+    starts = sum(1 for line in block.lines if _BULLET.match(line))
+    return starts >= 1 and (starts * 2 >= len(block.lines) or _BULLET.match(block.lines[0]) is not None and len(block.lines) <= 2)
+
+
+def _is_caption(block: TextBlock) -> bool:
+    return block.num_chars <= 400 and _CAPTION.match(block.lines[0]) is not None
+
+
+def _looks_like_heading(block: TextBlock, stats: FontStats, cfg: LayoutConfig) -> bool:
+    if len(block.lines) > cfg.heading_max_lines or block.num_chars > cfg.heading_max_chars:
+        return False
+    text = block.text.strip()
+    if not text or not (text[0].isalnum() or text[0] in "§("):
+        return False
+    if sum(ch.isalpha() for ch in text) < 2:  # numbers, formulas, table residue
+        return False
+    if text.endswith((".", ",", ";")) and not _NUMBERED_HEADING.match(text):
+        return False
+    if _TOC_LINE.search(" ".join(block.lines)):  # a table-of-contents row ("2.1 Overview .... 7"), not a heading
+        return False
+    body = stats.body_size or block.size
+    if block.size >= body * cfg.heading_size_ratio:
+        return True
+    return block.bold >= 0.8 and block.size >= body * 0.95 and block.num_chars <= cfg.bold_heading_max_chars
+
+
+def _numbering_depth(text: str) -> Optional[int]:
+    match = re.match(r"^\s*([0-9]+(?:\.[0-9]+)*)\.?\s+\S", text)
+    return match.group(1).count(".") + 1 if match else None
+
+
+def _match_toc(block: TextBlock, entries: Sequence[TocEntry]) -> Optional[TocEntry]:
+    """The outline entry (on this page) whose title this block's text is, or starts with."""
+    key = _norm_heading(block.text)
+    if len(key) < 2:
+        return None
+    for entry in entries:
+        title = _norm_heading(entry.title)
+        if len(title) < 2:
+            continue
+        if key == title or (len(key) >= 4 and title.startswith(key)) or (key.startswith(title) and len(block.lines) <= 2):
+            return entry
+    return None
+
+
+def label_document(
+    pages: Sequence[PageContent],
+    toc: Sequence[TocEntry] = (),
+    metadata_title: str = "",
+    cfg: Optional[LayoutConfig] = None,
+) -> list[list[Block]]:
+    """Labelled blocks for every page, in reading (content-stream) order, tables and figures placed
+    where their first block (or their vertical position) falls."""
+    cfg = cfg or LayoutConfig()
+    stats = font_stats(pages)
+    running = running_blocks(pages, cfg)
+    toc_by_page: dict[int, list[TocEntry]] = defaultdict(list)
+    for entry in toc:
+        toc_by_page[entry.page].append(entry)
+
+    # heading sizes, for levels of headings the outline does not name
+    heading_sizes: set[float] = set()
+    for p, page in enumerate(pages):
+        for b, block in enumerate(page.blocks):
+            if (p, b) not in running and _looks_like_heading(block, stats, cfg) and block.size > stats.body_size:
+                heading_sizes.add(block.size)
+    stats.heading_sizes = sorted(heading_sizes, reverse=True)
+    title_ref = _find_title(pages, stats, running, metadata_title, cfg)
+
+    out: list[list[Block]] = []
+    for p, page in enumerate(pages):
+        used_toc: set[int] = set()
+        labelled: list[Block] = []
+        table_at: dict[int, int] = {}  # table index -> position in `labelled`
+        for b, block in enumerate(page.blocks):
+            table_index = next((t for t, table in enumerate(page.tables) if _center_inside(block.bbox, table.bbox)), None)
+            if table_index is not None and (p, b) not in running:
+                if table_index not in table_at:
+                    table_at[table_index] = len(labelled)
+                    labelled.append(_table_block(page.tables[table_index], cfg))
+                continue
+            labelled.append(_label_block(p, b, block, page, stats, running, title_ref, toc_by_page, used_toc, cfg))
+        for t, table in enumerate(page.tables):  # tables whose cells held no separate text block
+            if t not in table_at:
+                _insert_by_y(labelled, _table_block(table, cfg))
+        for box in page.images:
+            _insert_by_y(labelled, Block(label="figure", bbox=box, text=""))
+        out.append(labelled)
+    return out
+
+
+def _find_title(pages, stats: FontStats, running, metadata_title: str, cfg: LayoutConfig) -> Optional[tuple[int, float]]:
+    """(page index, font size) of the document title: the block equal to the metadata title if
+    any, else the largest text (>= ``title_size_ratio`` x body) on the first pages, topmost first."""
+    best: Optional[tuple[bool, float, int, float]] = None  # (named, size, -page, -y): max wins
+    meta_key = _norm_heading(metadata_title)
+    for p, page in enumerate(pages[: cfg.title_pages]):
+        for b, block in enumerate(page.blocks):
+            if (p, b) in running or block.num_chars > 300 or sum(ch.isalpha() for ch in block.text) < 2:
+                continue
+            big = bool(stats.body_size) and block.size >= stats.body_size * cfg.title_size_ratio
+            named = len(meta_key) >= 4 and _norm_heading(block.text) == meta_key
+            if big or named:
+                key = (named, block.size, -p, -block.bbox[1])
+                if best is None or key > best:
+                    best = key
+    return None if best is None else (-best[2], best[1])
+
+
+def _label_block(p, b, block: TextBlock, page: PageContent, stats: FontStats, running, title_ref,
+                 toc_by_page, used_toc: set[int], cfg: LayoutConfig) -> Block:
+    text = block.text
+    if (p, b) in running:
+        zone = _in_margin(block, page, cfg) or "header"
+        return Block(label=zone, bbox=block.bbox, text=text)
+    if title_ref is not None and p == title_ref[0] and abs(block.size - title_ref[1]) < 0.26 and block.num_chars <= 300:
+        return Block(label="title", bbox=block.bbox, text=text)
+    if _is_caption(block):
+        return Block(label="caption", bbox=block.bbox, text=text)
+    entries = [e for e in toc_by_page.get(page.number, ()) if id(e) not in used_toc]
+    entry = _match_toc(block, entries) if entries and len(block.lines) <= cfg.heading_max_lines else None
+    if entry is not None and block.num_chars <= cfg.heading_max_chars:
+        used_toc.add(id(entry))
+        return Block(label="section", bbox=block.bbox, text=text, level=entry.level)
+    if _is_list(block):
+        return Block(label="list", bbox=block.bbox, text=text)
+    if _looks_like_heading(block, stats, cfg):
+        return Block(label="section", bbox=block.bbox, text=text, level=_heading_level(block, stats))
+    return Block(label="paragraph", bbox=block.bbox, text=text)
+
+
+def _heading_level(block: TextBlock, stats: FontStats) -> int:
+    depth = _numbering_depth(block.text)
+    if depth is not None:
+        return min(depth, 6)
+    if block.size in stats.heading_sizes:
+        return min(stats.heading_sizes.index(block.size) + 1, 6)
+    return min(len(stats.heading_sizes) + 1, 6)  # bold at body size: the deepest level
+
+
+def _table_block(table, cfg: LayoutConfig) -> Block:
+    rows = [row[: cfg.max_table_cols] for row in table.rows[: cfg.max_table_rows]]
+    text = "\n".join(" | ".join(cell for cell in row) for row in rows)
+    return Block(label="table", bbox=table.bbox, text=text, rows=rows)
+
+
+def _insert_by_y(blocks: list[Block], new: Block) -> None:
+    """Insert before the first non-margin block that starts below ``new``'s top."""
+    for i, block in enumerate(blocks):
+        if block.label not in ("header", "footer") and block.bbox[1] > new.bbox[1]:
+            blocks.insert(i, new)
+            return
+    index = len(blocks)
+    while index > 0 and blocks[index - 1].label == "footer":
+        index -= 1
+    blocks.insert(index, new)
+
+
+__all__ = ["LABELS", "Block", "FontStats", "LayoutConfig", "font_stats", "label_document", "running_blocks"]
