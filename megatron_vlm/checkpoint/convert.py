@@ -87,21 +87,22 @@ def model_hf_tensors(model: torch.nn.Module, cfg: Qwen25VLConfig, layout: str = 
 
 
 def build_model(cfg: Qwen25VLConfig, dtype: torch.dtype, tensor_parallel: int = 1, init: bool = True,
-                recompute: bool = False):
+                recompute: bool = False, context_parallel: int = 1):
     """A Megatron model at the given TP (initialising the process groups if needed)."""
     from megatron_vlm.models.qwen2_5_vl import Qwen25VLModel
     from megatron_vlm.parallel import initialize_parallel
 
-    initialize_parallel(tensor_parallel=tensor_parallel)
+    initialize_parallel(tensor_parallel=tensor_parallel, context_parallel=context_parallel)
     return Qwen25VLModel(cfg, params_dtype=dtype, init_weights=init, recompute=recompute)
 
 
-def load_model_dir(directory: str, dtype: Optional[torch.dtype] = None, tensor_parallel: int = 1):
-    """A model directory -> (model, config); loads at any TP size."""
+def load_model_dir(directory: str, dtype: Optional[torch.dtype] = None, tensor_parallel: int = 1,
+                   context_parallel: int = 1):
+    """A model directory -> (model, config); loads at any TP (and CP) size."""
     meta = dist_ckpt.read_meta(directory)
     cfg = Qwen25VLConfig.from_hf_dir(directory)
     dtype = dtype or DTYPES[meta.get("dtype", "bf16")]
-    model = build_model(cfg, dtype, tensor_parallel, init=False)
+    model = build_model(cfg, dtype, tensor_parallel, init=False, context_parallel=context_parallel)
     dist_ckpt.load_model_weights(model, directory)
     return model, cfg
 

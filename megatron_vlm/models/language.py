@@ -38,6 +38,7 @@ from megatron_vlm.config import LanguageConfig
 from megatron_vlm.kernels.mrope import apply_mrope, inverse_frequencies, mrope_cos_sin
 from megatron_vlm.models.attention import varlen_attention
 from megatron_vlm.models.norms import RMSNorm
+from megatron_vlm.parallel.context_parallel import ulysses_attention
 
 
 def language_transformer_config(
@@ -98,6 +99,17 @@ class VarlenCoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params: Optional[PackedSeqParams] = None):
         seq, batch, heads, dim = query.shape
+        plan = getattr(packed_seq_params, "cp_plan", None)
+        if plan is not None and plan.cp_size > 1:
+            if batch != 1:
+                raise ValueError(f"context parallelism splits one packed row; got batch size {batch}")
+
+            def attend(q, k, v, cu_seqlens, max_seqlen):
+                return varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True,
+                                        softmax_scale=self.softmax_scale)
+
+            out = ulysses_attention(query[:, 0], key[:, 0], value[:, 0], plan, attend)
+            return out.reshape(seq, 1, heads * dim)
         if packed_seq_params is not None:
             if batch != 1:
                 raise ValueError(f"packed rows come one per micro-batch; got batch size {batch}")

@@ -2,7 +2,8 @@
 embeddings replace the ``<|image_pad|>`` token embeddings, and the mRoPE decoder reads the result.
 
 Tensor parallelism applies to the language model (Megatron layers); the vision tower is replicated
-on every TP rank (it is ~7% of the 7B's FLOPs at 128K and its inputs are the same on each rank).
+on every TP rank (its inputs are the same on each TP rank, so are its gradients). Under context
+parallelism the row's images are divided among the CP ranks instead (see parallel/context_parallel).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_vlm.config import Qwen25VLConfig
 from megatron_vlm.models.language import Qwen25LanguageModel, language_transformer_config
 from megatron_vlm.models.vision import Qwen25VisionModel
+from megatron_vlm.parallel.context_parallel import gather_image_embeddings
 
 
 def packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None) -> PackedSeqParams:
@@ -72,21 +74,54 @@ class Qwen25VLModel(MegatronModule):
 
         Returns this rank's vocabulary shard of the logits [B, S, V/tp], or with ``labels`` the
         per-token cross-entropy [B, S] (fp32; masking and normalisation are the trainer's job).
+        Under context parallelism (``packed_seq_params`` carrying a ``cp_plan``) every CP rank
+        passes the whole padded row and gets back its own tokens only (``cp_plan.local_index``).
         """
         embeddings = self.language_model.embed_tokens(input_ids)
-        if pixel_values is not None:
+        plan = getattr(packed_seq_params, "cp_plan", None)
+        split_vision = plan is not None and plan.cp_size > 1 and pixel_values is not None
+        if split_vision:  # each CP rank encodes its share of the row's images, then all share them
+            image_embeddings = self._encode_images_over_cp(pixel_values, image_grid_thw, plan)
+        elif pixel_values is not None:
             image_embeddings = self.vision(pixel_values, image_grid_thw, plan=vision_plan)
+        if pixel_values is not None:
             embeddings = scatter_image_embeddings(embeddings, input_ids, image_embeddings,
                                                   self.model_config.image_token_id)
-        elif self.training and any(p.requires_grad for p in self.vision.parameters()):
-            # A micro-batch without images still puts the vision tower in the graph (zero grads),
-            # so data-parallel gradient reduction sees the same parameters on every rank.
-            embeddings = embeddings + 0.0 * sum(p.sum() for p in self.vision.parameters())
+        elif self.training:
+            embeddings = embeddings + self._vision_in_graph()
+        if plan is not None and plan.cp_size > 1:
+            # The whole row was embedded (images scattered in) first; now keep this CP rank's tokens.
+            local = plan.local_index.to(embeddings.device)
+            if embeddings.shape[0] != plan.rank_major_to_global.numel():
+                raise ValueError(f"context parallelism got a row of {embeddings.shape[0]} tokens but its plan "
+                                 f"covers {plan.rank_major_to_global.numel()}; pad the row for CP first")
+            embeddings = embeddings.index_select(0, local)
+            position_ids = position_ids.index_select(2, local)
+            labels = None if labels is None else labels.index_select(1, local)
         logits = self.language_model(embeddings, position_ids, packed_seq_params)  # [S, B, V/tp]
         if labels is None:
             return logits.transpose(0, 1)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
         return loss.transpose(0, 1)
+
+
+    def _vision_in_graph(self) -> torch.Tensor:
+        """Zero that depends on every vision parameter: a micro-batch (or CP rank) without images
+        still puts the tower in the graph, so gradient reduction sees the same parameters on
+        every rank (pitfall: data-parallel reduction otherwise hangs or skips them)."""
+        params = [p for p in self.vision.parameters() if p.requires_grad]
+        return 0.0 * sum(p.sum() for p in params) if params else torch.zeros(())
+
+    def _encode_images_over_cp(self, pixel_values, image_grid_thw, plan) -> torch.Tensor:
+        if not plan.image_splits:
+            raise ValueError("the context-parallel plan has no image split: build it with image_grid_thw")
+        (first, last), (start, end) = plan.image_splits[plan.cp_rank], plan.patch_splits[plan.cp_rank]
+        if last > first:
+            local = self.vision(pixel_values[start:end], image_grid_thw[first:last])
+        else:
+            hidden = self.model_config.vision.out_hidden_size
+            local = pixel_values.new_zeros(0, hidden) + self._vision_in_graph().to(pixel_values.dtype)
+        return gather_image_embeddings(local, plan)
 
 
 def gather_logits(logits: torch.Tensor) -> torch.Tensor:
