@@ -124,7 +124,7 @@ class VarlenCoreAttention(MegatronModule):
 
         out = varlen_attention(to_thd(query), to_thd(key), to_thd(value), cu_seqlens, max_seqlen,
                                causal=True, softmax_scale=self.softmax_scale)
-        return out.view(batch, seq, heads * dim).transpose(0, 1).contiguous()
+        return out.reshape(batch, seq, heads * dim).transpose(0, 1).contiguous()
 
 
 class MRopeSelfAttention(SelfAttention):
@@ -140,6 +140,9 @@ class MRopeSelfAttention(SelfAttention):
         if inference_context is not None:
             raise NotImplementedError("KV-cache inference is not supported; decode by full recompute")
         query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        # value is a view of the fused qkv output; a copy lets that whole buffer go after the
+        # forward instead of being kept for backward (2(H + kv) bytes per token per layer)
+        value = value.contiguous()
         if rotary_pos_emb is not None:
             cos, sin = rotary_pos_emb
             query, key = apply_mrope(query, key, cos, sin)
@@ -252,11 +255,21 @@ class Qwen25LanguageModel(MegatronModule):
         return cos.view(seq, batch, -1), sin.view(seq, batch, -1)
 
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
-                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
-        """[S, B, H] input embeddings -> [S, B, V / tp] logits (this rank's vocabulary shard)."""
-        rotary = self.rotary_tables(position_ids)
+                packed_seq_params: Optional[PackedSeqParams] = None,
+                output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[S, B, H] input embeddings -> [S, B, V / tp] logits (this rank's vocabulary shard).
+
+        ``output_index`` (sequence positions) projects only those hidden states to the vocabulary:
+        LongPT supervises a short answer after ~128K tokens of pages, and full-row logits would
+        be the largest tensor of the step (128K x 152K).
+        """
+        cos, sin = self.rotary_tables(position_ids)
+        # cast once per forward (not in every layer), as the reference casts cos/sin to the model dtype
+        rotary = (cos.to(decoder_input.dtype), sin.to(decoder_input.dtype))
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
                               packed_seq_params=packed_seq_params)
+        if output_index is not None:
+            hidden = hidden.index_select(0, output_index)
         weight = self.embedding.word_embeddings.weight if self.lm.tie_word_embeddings else None
         logits, _ = self.output_layer(hidden, weight=weight)
         return logits

@@ -69,6 +69,7 @@ class Qwen25VLModel(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
         labels: Optional[torch.Tensor] = None,
         vision_plan=None,
+        output_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids [B, S] (B = 1 for a packed row), position_ids [3, B, S] (see data.rope_index).
 
@@ -76,6 +77,8 @@ class Qwen25VLModel(MegatronModule):
         per-token cross-entropy [B, S] (fp32; masking and normalisation are the trainer's job).
         Under context parallelism (``packed_seq_params`` carrying a ``cp_plan``) every CP rank
         passes the whole padded row and gets back its own tokens only (``cp_plan.local_index``).
+        ``output_index`` [K] (positions among the tokens this rank returns) restricts the output
+        to those positions, [B, K, ...]: compute logits only where there is a loss.
         """
         embeddings = self.language_model.embed_tokens(input_ids)
         plan = getattr(packed_seq_params, "cp_plan", None)
@@ -98,7 +101,9 @@ class Qwen25VLModel(MegatronModule):
             embeddings = embeddings.index_select(0, local)
             position_ids = position_ids.index_select(2, local)
             labels = None if labels is None else labels.index_select(1, local)
-        logits = self.language_model(embeddings, position_ids, packed_seq_params)  # [S, B, V/tp]
+        logits = self.language_model(embeddings, position_ids, packed_seq_params, output_index)  # [S, B, V/tp]
+        if output_index is not None and labels is not None:
+            labels = labels.index_select(1, output_index)
         if labels is None:
             return logits.transpose(0, 1)
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))

@@ -167,3 +167,17 @@ def test_text_only_micro_batch_keeps_vision_tower_in_the_graph(models):
     vision = {n: g for n, g in grads.items() if n.startswith("vision.")}
     assert len(vision) == len(list(ours.vision.parameters()))  # every DP rank reduces the same set
     assert all(torch.count_nonzero(g) == 0 for g in vision.values())
+
+
+def test_output_index_selects_logits_and_losses(models):
+    _, ours, cfg = models
+    sample = make_sample(cfg, [9, (1, 4, 4), 12], torch.Generator().manual_seed(10))
+    positions = mrope_positions(sample.input_ids, sample.image_grid_thw)[:, None, :]
+    labels = torch.roll(sample.input_ids, -1)[None]
+    index = torch.tensor([3, len(sample.input_ids) - 4, len(sample.input_ids) - 2])
+    args = (sample.input_ids[None], positions, sample.pixel_values, sample.image_grid_thw)
+    with torch.no_grad():
+        full_logits, full_loss = ours(*args), ours(*args, labels=labels)
+        part_logits, part_loss = ours(*args, output_index=index), ours(*args, labels=labels, output_index=index)
+    torch.testing.assert_close(part_logits[0], full_logits[0, index], rtol=0, atol=1e-6)
+    torch.testing.assert_close(part_loss[0], full_loss[0, index], rtol=0, atol=1e-6)
