@@ -58,6 +58,8 @@ setup(
         "pillow",
         "tqdm",
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
+        "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
+        "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)
     ],
     extras_require={
         "dev": ["pytest>=8", "transformers==4.57.3"],

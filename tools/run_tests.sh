@@ -10,6 +10,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
 "$PY" -m pip install -q -e ".[dev]"
+# Tesseract for the document pool's OCR of scanned pages (its tests skip without it). Best effort:
+# needs root and apt-get; elsewhere the suite runs without it.
+if ! command -v tesseract >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tesseract-ocr; } >/dev/null 2>&1 \
+    || echo "note: could not install tesseract-ocr; OCR tests will skip" >&2
+fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 exec "$PY" -m pytest -q "$@"

@@ -71,7 +71,8 @@ _CAPTION = re.compile(
 )
 _BULLET = re.compile(r"^\s*([\u2022\u2023\u25e6\u2043\u2219\u25aa\u25cf\u25a0\u25a1\u2013\u2014\-\*\u00b7\u2192>]"
                      r"|\(?[0-9]{1,2}[.)]|\(?[a-z][.)]|\(?[ivx]{1,4}[.)])\s+\S", re.IGNORECASE)
-_NUMBERED_HEADING = re.compile(r"^\s*((chapter|section|part|appendix|kapitel|第)\s+)?([0-9]+(\.[0-9]+)*|[A-Z](\.[0-9]+)*|[IVX]+)\.?\s+\S")
+_NUMBERED_HEADING = re.compile(r"^\s*((chapter|section|part|appendix|kapitel|第)\s+)?"
+                               r"([0-9]+(\.[0-9]+)*|[A-Z](\.[0-9]+)*|[IVX]+)\.?\s+\S")
 _TOC_LINE = re.compile(r"(\.\s*){4,}\s*\d*$|^\s*[0-9]+(\.[0-9]+)*\.?\s+\D.*\s[0-9ivxlc]{1,4}$", re.IGNORECASE)
 _PAGE_NUMBER = re.compile(r"^((page|seite|p\.)\s*)?(#+|[ivxlc]+)(\s*(of|/|von)\s*#+)?$|^-\s*#+\s*-$", re.IGNORECASE)
 
@@ -142,7 +143,9 @@ def _center_inside(bbox, region, slack: float = 2.0) -> bool:
 
 def _is_list(block: TextBlock) -> bool:
     starts = sum(1 for line in block.lines if _BULLET.match(line))
-    return starts >= 1 and (starts * 2 >= len(block.lines) or _BULLET.match(block.lines[0]) is not None and len(block.lines) <= 2)
+    if starts == 0:
+        return False
+    return starts * 2 >= len(block.lines) or (_BULLET.match(block.lines[0]) is not None and len(block.lines) <= 2)
 
 
 def _is_caption(block: TextBlock) -> bool:
@@ -181,7 +184,9 @@ def _match_toc(block: TextBlock, entries: Sequence[TocEntry]) -> Optional[TocEnt
         title = _norm_heading(entry.title)
         if len(title) < 2:
             continue
-        if key == title or (len(key) >= 4 and title.startswith(key)) or (key.startswith(title) and len(block.lines) <= 2):
+        prefix_of_title = len(key) >= 4 and title.startswith(key)  # a heading cut across blocks
+        title_then_more = key.startswith(title) and len(block.lines) <= 2  # "2.1 Overview" + a page number
+        if key == title or prefix_of_title or title_then_more:
             return entry
     return None
 
@@ -214,17 +219,18 @@ def label_document(
     for p, page in enumerate(pages):
         used_toc: set[int] = set()
         labelled: list[Block] = []
-        table_at: dict[int, int] = {}  # table index -> position in `labelled`
+        placed: set[int] = set()  # tables already in `labelled` (at their first cell's block)
         for b, block in enumerate(page.blocks):
-            table_index = next((t for t, table in enumerate(page.tables) if _center_inside(block.bbox, table.bbox)), None)
+            table_index = next((t for t, table in enumerate(page.tables) if _center_inside(block.bbox, table.bbox)),
+                               None)
             if table_index is not None and (p, b) not in running:
-                if table_index not in table_at:
-                    table_at[table_index] = len(labelled)
+                if table_index not in placed:
+                    placed.add(table_index)
                     labelled.append(_table_block(page.tables[table_index], cfg))
                 continue
             labelled.append(_label_block(p, b, block, page, stats, running, title_ref, toc_by_page, used_toc, cfg))
         for t, table in enumerate(page.tables):  # tables whose cells held no separate text block
-            if t not in table_at:
+            if t not in placed:
                 _insert_by_y(labelled, _table_block(table, cfg))
         for box in page.images:
             _insert_by_y(labelled, Block(label="figure", bbox=box, text=""))
@@ -232,7 +238,8 @@ def label_document(
     return out
 
 
-def _find_title(pages, stats: FontStats, running, metadata_title: str, cfg: LayoutConfig) -> Optional[tuple[int, float]]:
+def _find_title(pages, stats: FontStats, running, metadata_title: str,
+                cfg: LayoutConfig) -> Optional[tuple[int, float]]:
     """(page index, font size) of the document title: the block equal to the metadata title if
     any, else the largest text (>= ``title_size_ratio`` x body) on the first pages, topmost first."""
     best: Optional[tuple[bool, float, int, float]] = None  # (named, size, -page, -y): max wins

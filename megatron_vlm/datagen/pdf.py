@@ -21,7 +21,7 @@ import sys
 import threading
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from megatron_vlm.data.image_processing import MAX_PIXELS
 
@@ -404,11 +404,17 @@ def text_is_usable(blocks: list[TextBlock]) -> bool:
     return bad / len(visible) < 0.2 and alnum / len(visible) >= 0.4
 
 
+def _text_flags() -> int:
+    """Text extraction flags: no image bytes; glyphs without Unicode come out as U+FFFD (not as raw
+    character codes, PyMuPDF's dict default) so that :func:`text_is_usable` can see mojibake."""
+    pymupdf = import_pymupdf()
+    flags = pymupdf.TEXTFLAGS_DICT & ~pymupdf.TEXT_PRESERVE_IMAGES & ~pymupdf.TEXT_CID_FOR_UNKNOWN_UNICODE
+    return flags | pymupdf.TEXT_DEHYPHENATE
+
+
 def read_text_blocks(page, limits: PdfLimits) -> tuple[list[TextBlock], bool]:
     """The page's text layer as blocks (images excluded: their bytes are not wanted here)."""
-    pymupdf = import_pymupdf()
-    flags = (pymupdf.TEXTFLAGS_DICT & ~pymupdf.TEXT_PRESERVE_IMAGES) | pymupdf.TEXT_DEHYPHENATE
-    page_dict = page.get_text("dict", flags=flags)
+    page_dict = page.get_text("dict", flags=_text_flags())
     return blocks_from_dict(page_dict, limits.max_page_chars, limits.max_blocks_per_page)
 
 
@@ -423,6 +429,8 @@ def image_boxes(page, limits: PdfLimits) -> list[tuple[float, float, float, floa
         x0, y0, x1, y1 = (float(v) for v in info.get("bbox", (0, 0, 0, 0)))
         x0, y0 = max(x0, 0.0), max(y0, 0.0)
         x1, y1 = min(x1, page.rect.width), min(y1, page.rect.height)
+        if (x1 - x0) * (y1 - y0) >= 0.9 * page.rect.width * page.rect.height:
+            continue  # a scan or a page background, not a figure on the page
         if x1 - x0 >= 36 and y1 - y0 >= 36:
             boxes.append((round(x0, 2), round(y0, 2), round(x1, 2), round(y1, 2)))
     return boxes
@@ -431,48 +439,52 @@ def image_boxes(page, limits: PdfLimits) -> list[tuple[float, float, float, floa
 # ----------------------------------------------------------------------------------------- tables
 
 
-def ruling_edges(page, cap: int) -> tuple[int, int, int]:
-    """(horizontal, vertical, total) straight edges of the page's vector paths, from the cheap
-    ``get_cdrawings``; counting stops once ``total`` passes ``cap``."""
+def ruling_positions(page, cap: int) -> tuple[int, int, int]:
+    """(distinct y of horizontal rules, distinct x of vertical rules, path items) on the page,
+    from the cheap ``get_cdrawings``; positions are rounded to 2 pt, counting stops past ``cap``.
+
+    A ruled table of >= 2 x 2 cells needs >= 3 of each; code frames and underlines (the common
+    case in reports and manuals) have two x positions at most, so they never reach the table finder.
+    """
     try:
         paths = page.get_cdrawings()
     except Exception:
         return 0, 0, cap + 1
-    horizontal = vertical = total = 0
+    ys: set[int] = set()
+    xs: set[int] = set()
+    total = 0
     for path in paths:
         for item in path.get("items", ()):
             total += 1
             if total > cap:
-                return horizontal, vertical, total
+                return len(ys), len(xs), total
             kind = item[0]
             if kind == "l":
                 (x0, y0), (x1, y1) = item[1], item[2]
-                dx, dy = abs(x1 - x0), abs(y1 - y0)
-                horizontal += dy < 1.0 and dx >= 3.0
-                vertical += dx < 1.0 and dy >= 3.0
+                if abs(y1 - y0) < 1.0 and abs(x1 - x0) >= 3.0:
+                    ys.add(round(y0 / 2))
+                elif abs(x1 - x0) < 1.0 and abs(y1 - y0) >= 3.0:
+                    xs.add(round(x0 / 2))
             elif kind in ("re", "qu"):
-                xs = [pt[0] for pt in item[1]] if kind == "qu" else [item[1][0], item[1][2]]
-                ys = [pt[1] for pt in item[1]] if kind == "qu" else [item[1][1], item[1][3]]
-                w, h = max(xs) - min(xs), max(ys) - min(ys)
-                if h < 2.0 and w >= 3.0:  # a thin filled bar is a rule
-                    horizontal += 1
-                elif w < 2.0 and h >= 3.0:
-                    vertical += 1
-                elif w >= 3.0 and h >= 3.0:
-                    horizontal += 2
-                    vertical += 2
-    return horizontal, vertical, total
+                pts = item[1] if kind == "qu" else ((item[1][0], item[1][1]), (item[1][2], item[1][3]))
+                left, right = min(p[0] for p in pts), max(p[0] for p in pts)
+                top, bottom = min(p[1] for p in pts), max(p[1] for p in pts)
+                if right - left >= 3.0:  # a thin filled bar is a rule; a box has two of each
+                    ys.update({round(top / 2), round(bottom / 2)})
+                if bottom - top >= 3.0:
+                    xs.update({round(left / 2), round(right / 2)})
+    return len(ys), len(xs), total
 
 
 def find_tables(page, limits: PdfLimits, num_chars: int) -> tuple[list[TableRegion], Optional[str]]:
     """Ruled tables on the page, or ([], why skipped). Never runs PyMuPDF's ONNX layout gate."""
     if num_chars > limits.table_max_chars:
         return [], f"table detection skipped: {num_chars} characters > {limits.table_max_chars}"
-    horizontal, vertical, total = ruling_edges(page, limits.table_max_paths)
+    rows, cols, total = ruling_positions(page, limits.table_max_paths)
     if total > limits.table_max_paths:
         return [], f"table detection skipped: over {limits.table_max_paths} vector paths"
-    if horizontal < 3 or vertical < 3:
-        return [], None  # a ruled grid of >= 2 x 2 cells needs 3 rules each way: no table possible
+    if rows < 3 or cols < 3:
+        return [], None  # no ruled grid of >= 2 x 2 cells is possible
     regions = []
     try:
         with time_budget(limits.analysis_seconds):
@@ -527,8 +539,7 @@ def ocr_tessdata(languages: str, tessdata: Optional[str] = None) -> Optional[str
 
 def ocr_blocks(page, settings: OcrSettings, limits: PdfLimits) -> tuple[list[TextBlock], bool]:
     """Blocks from a full-page OCR (Tesseract inside MuPDF)."""
-    pymupdf = import_pymupdf()
-    flags = pymupdf.TEXTFLAGS_DICT & ~pymupdf.TEXT_PRESERVE_IMAGES
+    flags = _text_flags()
     textpage = page.get_textpage_ocr(flags=flags, language=settings.languages, dpi=settings.dpi, full=True,
                                      tessdata=settings.tessdata)
     page_dict = page.get_text("dict", textpage=textpage, flags=flags)
@@ -592,7 +603,7 @@ __all__ = [
     "TextBlock",
     "TocEntry",
     "blocks_from_dict",
-    "ruling_edges",
+    "ruling_positions",
     "encode_image",
     "find_tables",
     "import_pymupdf",

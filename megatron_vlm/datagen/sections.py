@@ -109,7 +109,8 @@ def headings_from_toc(toc: Sequence[TocEntry], pages: Sequence[Sequence[Block]])
         title_key = _key(entry.title)
         for i, block in enumerate(blocks):
             key = _key(block.text)
-            if block.label in ("section", "title") and key and (key == title_key or title_key.startswith(key) or key.startswith(title_key)):
+            same = key == title_key or title_key.startswith(key) or key.startswith(title_key)
+            if block.label in ("section", "title") and key and same:
                 starts = _opens_page(blocks, i)
                 break
         out.append(Heading(title=entry.title, level=entry.level, page=entry.page, starts_page=starts))

@@ -15,7 +15,16 @@ import gzip
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def atomic_write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
@@ -24,6 +33,7 @@ def atomic_write_bytes(path: str, data: bytes, fsync: bool = False) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; pool files are for every reader
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if fsync:
@@ -56,8 +66,9 @@ def read_json_gz(path: str) -> Any:
         return json.loads(f.read().decode("utf-8"))
 
 
-def read_jsonl(path: str, repair: bool = False) -> list[dict]:
-    """Complete records of an append-only JSONL file.
+def read_jsonl(path: str, repair: bool = False, keys: Optional[Sequence[str]] = None) -> list[dict]:
+    """Complete records of an append-only JSONL file (only ``keys`` of each, if given: resuming a
+    big shard needs two fields per record, not the records).
 
     Reading stops at the first line that lacks its newline or does not parse (a torn write from a
     killed run: only the last line can be one). With ``repair`` the file is truncated there, so
@@ -77,7 +88,7 @@ def read_jsonl(path: str, repair: bool = False) -> list[dict]:
                 break
             if not isinstance(obj, dict):
                 break
-            records.append(obj)
+            records.append(obj if keys is None else {k: obj.get(k) for k in keys})
             good_bytes += len(raw)
     if repair and good_bytes != os.path.getsize(path):
         with open(path, "r+b") as f:

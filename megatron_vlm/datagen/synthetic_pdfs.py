@@ -5,13 +5,16 @@ headings, paragraphs, lists, a ruled table, a figure with captions, running head
 image-only page (needs OCR), a dense "plot" page (must not stall table detection), page-size
 fixtures for token counts, and the broken kinds the pool must reject (encrypted, truncated,
 not-a-PDF, zero pages). Output is byte-for-byte reproducible (fixed metadata, no new file ID), so
-hashes are stable across runs and machines.
+hashes are stable across runs and machines (except the encrypted file: AES salts are random).
+
+    python -m megatron_vlm.datagen.synthetic_pdfs OUT_DIR   # the sample set, for demos
 """
 
 from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
@@ -20,7 +23,7 @@ from megatron_vlm.datagen.pdf import import_pymupdf
 LETTER = (612.0, 792.0)
 A4 = (595.0, 842.0)
 SLIDE_16_9 = (960.0, 540.0)  # PowerPoint's 13.333 x 7.5 in at 72 pt/in
-TINY = (40.0, 60.0)
+TINY = (20.0, 24.0)  # 40 x 48 px: below min_pixels, smart_resize grows it
 HUGE = (7200.0, 10800.0)  # 100 x 150 in: 14,400 x 21,600 px at 144 DPI before the pixel cap
 
 _FIXED_METADATA = {
@@ -42,7 +45,11 @@ _WORDS = {
         "werden bei Bericht Daten Ergebnisse Analyse Verfahren Tabelle Abbildung Wert Umsatz Jahr "
         "Kunden Markt Qualität Kosten Entwicklung Untersuchung Abschnitt Seite Dokument nach über"
     ).split(),
-    "zh": "数据 模型 系统 页面 文档 章节 结果 分析 方法 数值 表格 图表 报告 训练 上下文 长度 视觉 语言 证据 样本 设计 过程 研究 测量 预算 收入 增长 季度 地区 市场 客户 产品 服务 质量 成本 我们 这个 一个 可以 进行 以及 由于 因此".split(),
+    "zh": (
+        "数据 模型 系统 页面 文档 章节 结果 分析 方法 数值 表格 图表 报告 训练 上下文 长度 视觉 语言 证据 样本 "
+        "设计 过程 研究 测量 预算 收入 增长 季度 地区 市场 客户 产品 服务 质量 成本 "
+        "我们 这个 一个 可以 进行 以及 由于 因此"
+    ).split(),
 }
 _FONTS = {"en": ("helv", "hebo"), "de": ("helv", "hebo"), "zh": ("china-s", "china-s")}
 
@@ -423,3 +430,20 @@ __all__ = [
     "write_truncated_pdf",
     "write_zero_page_pdf",
 ]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m megatron_vlm.datagen.synthetic_pdfs OUT_DIR", file=sys.stderr)
+        return 2
+    sample = write_sample_set(args[0])
+    for name, path in sample.good.items():
+        print(f"good  {name:10s} {path}")
+    for name, (path, reason) in sample.bad.items():
+        print(f"bad   {name:10s} {path}  (expected: {reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

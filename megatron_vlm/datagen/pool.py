@@ -1,0 +1,619 @@
+"""The document pool: PDFs -> rendered pages + labelled blocks + token counts, one typed record
+per document, built by shards that resume and then merge into one manifest.
+
+Flow of one shard (``run_shard``):
+
+1. the shard's inputs (sorted paths, ``--shard I/N`` by path hash) minus those its manifest or
+   rejection log already has (resume: a line in either is a document's completion marker);
+2. SHA-256 of the rest; exclusion-list hits are ``contaminated``; for every hash only the
+   smallest path is processed (the others are ``duplicate``), and a hash the shard already holds
+   is a duplicate too;
+3. every remaining document runs in a worker process with a time limit (``workers.run_tasks``):
+   render each page at the DPI, encode and store it atomically, count its Qwen2.5-VL tokens with
+   ``smart_resize`` (``megatron_vlm.data.image_processing``), read its text layer / OCR, tables
+   and images, label blocks, derive sections and language, write the block file, and return the
+   record; the parent appends it to the shard manifest (or the rejection to the shard's log);
+4. a done marker; when every shard has one, the merge writes ``manifest.jsonl`` (sorted by
+   ``doc_id``, duplicates across shards dropped), ``report.json`` and ``stats.json``.
+
+Records hold nothing time- or machine-dependent, so a killed-and-resumed run yields the same
+merged manifest, byte for byte, as a clean run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from megatron_vlm.data.image_processing import image_token_count, smart_resize
+from megatron_vlm.datagen import pdf as pdfmod
+from megatron_vlm.datagen.inputs import select_shard, sha256_file
+from megatron_vlm.datagen.language import detect_language, sample_text
+from megatron_vlm.datagen.layout import Block, label_document
+from megatron_vlm.datagen.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
+from megatron_vlm.datagen.records import (
+    RETRYABLE,
+    SCHEMA,
+    DocRecord,
+    PageRecord,
+    Rejection,
+    blocks_relpath,
+    doc_id_for,
+    image_relpath,
+)
+from megatron_vlm.datagen.sections import document_sections, join_lines
+from megatron_vlm.datagen.storage import (
+    JsonlAppender,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_json_gz,
+    dumps,
+    read_jsonl,
+)
+from megatron_vlm.datagen.workers import Outcome, run_tasks
+
+MAX_WARNINGS = 50
+# MuPDF messages that mean a page's content is missing, not merely odd
+_DAMAGE = re.compile(r"cannot load content stream|object is not a stream|non-page object in page tree|"
+                     r"cannot find object|premature end of data")
+
+
+@dataclass
+class PoolConfig:
+    """Settings of a pool build. Those in ``OUTPUT_FIELDS`` shape the output and must be the same
+    for every shard and rerun of a pool (checked against ``pool_config.json``)."""
+
+    output: str
+    dpi: float = 144.0
+    min_pages: int = 20
+    max_pages: int = 200
+    image_format: str = "jpeg"
+    image_quality: int = 85
+    ocr: bool = False
+    ocr_languages: str = "eng"
+    ocr_max_pages: int = 50
+    ocr_dpi: int = 200
+    tables: bool = True
+    limits: PdfLimits = field(default_factory=PdfLimits)
+    workers: int = max(1, os.cpu_count() or 1)
+    doc_timeout: float = 600.0
+    worker_memory_gb: float = 4.0
+    retry_failed: bool = False
+    progress: bool = True
+
+    OUTPUT_FIELDS = ("dpi", "min_pages", "max_pages", "image_format", "image_quality", "ocr", "ocr_languages",
+                     "ocr_max_pages", "ocr_dpi", "tables", "limits")
+
+    def validate(self) -> "PoolConfig":
+        if self.image_format not in IMAGE_SUFFIX:
+            raise ValueError(f"image format must be one of {sorted(IMAGE_SUFFIX)}, got {self.image_format!r}")
+        if not 1 <= self.image_quality <= 100:
+            raise ValueError("image quality must be in 1..100")
+        if self.dpi <= 0 or self.min_pages < 0 or self.max_pages < max(1, self.min_pages):
+            raise ValueError(f"bad page/DPI settings: dpi={self.dpi} min_pages={self.min_pages} "
+                             f"max_pages={self.max_pages}")
+        return self
+
+    def output_settings(self) -> dict:
+        values = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
+        values["limits"] = asdict(self.limits)
+        return {"schema": SCHEMA, **values}
+
+
+@dataclass
+class DocTask:
+    """One document to process (what a worker receives)."""
+
+    source: str
+    sha256: str
+    file_bytes: int
+
+    @property
+    def doc_id(self) -> str:
+        return doc_id_for(self.sha256)
+
+
+# ------------------------------------------------------------------------------ one document
+
+
+def _has_eof_marker(path: str, tail: int = 4096) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - tail))
+        return b"%%EOF" in f.read()
+
+
+def _block_dict(block: Block, zoom: float) -> dict:
+    out: dict[str, Any] = {"label": block.label, "bbox": [int(round(v * zoom)) for v in block.bbox], "text": block.text}
+    if block.level is not None:
+        out["level"] = block.level
+    if block.rows is not None:
+        out["rows"] = block.rows
+    return out
+
+
+def _document_title(labelled: Sequence[Sequence[Block]], metadata_title: str) -> str:
+    for blocks in labelled[:2]:
+        titles = [join_lines(b.text) for b in blocks if b.label == "title"]
+        if titles:
+            return " ".join(titles)[:300]
+    return metadata_title
+
+
+def remove_stale_temporaries(output: str, doc_id: str) -> None:
+    """Delete half-written files a killed run left for this document (never trusted, only litter)."""
+    image_dir = os.path.join(output, "images", doc_id[:2], doc_id)
+    stale = glob.glob(os.path.join(image_dir, ".tmp-*"))
+    stale += glob.glob(os.path.join(output, "blocks", doc_id[:2], f".tmp-*-{doc_id}.json.gz"))
+    for path in stale:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_document_outputs(output: str, doc_id: str) -> None:
+    """Delete a document's images and block file (after a rejection or a killed worker)."""
+    shutil.rmtree(os.path.join(output, "images", doc_id[:2], doc_id), ignore_errors=True)
+    try:
+        os.unlink(os.path.join(output, blocks_relpath(doc_id)))
+    except OSError:
+        pass
+
+
+def _check_page_count(num_pages: int, cfg: PoolConfig) -> None:
+    if num_pages == 0:
+        raise PdfRejected("too_few_pages", "the document has no pages")
+    if num_pages < cfg.min_pages:
+        raise PdfRejected("too_few_pages", f"{num_pages} pages < {cfg.min_pages}")
+    if num_pages > cfg.max_pages:
+        raise PdfRejected("too_many_pages", f"{num_pages} pages > {cfg.max_pages}")
+
+
+def _ocr_settings(cfg: PoolConfig) -> Optional[OcrSettings]:
+    if not cfg.ocr:
+        return None
+    tessdata = pdfmod.ocr_tessdata(cfg.ocr_languages)
+    if tessdata is None:
+        return None  # the shard run has warned once; pages without text keep source "none"
+    return OcrSettings(languages=cfg.ocr_languages, dpi=cfg.ocr_dpi, max_pages=cfg.ocr_max_pages, tessdata=tessdata)
+
+
+def _process_page(doc, index: int, doc_id: str, cfg: PoolConfig, ocr: Optional[OcrSettings], ocr_budget: list[int],
+                  timing: dict) -> tuple[PageRecord, pdfmod.PageContent]:
+    """Render, count tokens, store the image, and read the content of page ``index`` (0-based)."""
+    t0 = time.perf_counter()
+    page = pdfmod.load_page(doc, index)
+    rendered = pdfmod.render_page(page, cfg.dpi, cfg.limits)
+    try:
+        resized_h, resized_w = smart_resize(rendered.height, rendered.width)
+        tokens = image_token_count(rendered.height, rendered.width)
+    except ValueError as exc:  # aspect ratio over 200: the model cannot take this page
+        raise PdfRejected("render_failure", f"page {index + 1}: {exc}") from exc
+    t1 = time.perf_counter()
+    image = image_relpath(doc_id, index + 1, IMAGE_SUFFIX[cfg.image_format])
+    atomic_write_bytes(os.path.join(cfg.output, image), pdfmod.encode_image(rendered, cfg.image_format,
+                                                                            cfg.image_quality))
+    t2 = time.perf_counter()
+    content = pdfmod.read_page(page, cfg.limits, ocr, ocr_budget, tables=cfg.tables)
+    t3 = time.perf_counter()
+    for key, value in (("render", t1 - t0), ("encode", t2 - t1), ("parse", t3 - t2)):
+        timing[key] = timing.get(key, 0.0) + value
+    record = PageRecord(page=index + 1, image=image, width=rendered.width, height=rendered.height,
+                        resized_width=resized_w, resized_height=resized_h, tokens=tokens,
+                        dpi=round(rendered.dpi, 3), source=content.source, num_blocks=0, num_chars=content.num_chars)
+    return record, content
+
+
+def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) -> DocRecord:
+    """Process one PDF into a record (writing its images and block file), or raise PdfRejected."""
+    pymupdf = pdfmod.import_pymupdf()
+    timing = timing if timing is not None else {}
+    doc = pdfmod.open_pdf(task.source, cfg.limits)
+    try:
+        num_pages = pdfmod.page_count(doc)
+        _check_page_count(num_pages, cfg)
+        if doc.is_repaired and not _has_eof_marker(task.source):
+            raise PdfRejected("corrupt", "truncated: broken cross-reference table and no %%EOF at the end")
+        doc_id = task.doc_id
+        remove_stale_temporaries(cfg.output, doc_id)
+        ocr, ocr_budget = _ocr_settings(cfg), [cfg.ocr_max_pages]
+        pages, contents, damaged, warnings = [], [], [], []
+        pymupdf.TOOLS.reset_mupdf_warnings()
+        for index in range(num_pages):
+            record, content = _process_page(doc, index, doc_id, cfg, ocr, ocr_budget, timing)
+            if _DAMAGE.search(pymupdf.TOOLS.mupdf_warnings(reset=True) or ""):
+                damaged.append(index + 1)
+            warnings.extend(f"page {index + 1}: {w}" for w in content.warnings)
+            pages.append(record)
+            contents.append(content)
+        if damaged and (doc.is_repaired or len(damaged) > max(1, num_pages // 10)):
+            raise PdfRejected("corrupt", f"content missing on {len(damaged)} page(s), e.g. page {damaged[0]}")
+
+        t0 = time.perf_counter()
+        toc = pdfmod.read_toc(doc, num_pages, cfg.limits)
+        metadata_title = pdfmod.metadata_title(doc)
+        labelled = label_document(contents, toc, metadata_title)
+        sections = document_sections(toc, labelled, num_pages)
+        language = detect_language(sample_text(b.text for blocks in labelled for b in blocks
+                                               if b.label in ("paragraph", "list", "caption", "section", "title")))
+        page_blocks = []
+        for record, content, blocks in zip(pages, contents, labelled):
+            record.num_blocks = len(blocks)
+            zoom = record.width / content.width  # points -> stored-image pixels
+            page_blocks.append({"page": record.page, "source": content.source, "width": record.width,
+                                "height": record.height, "blocks": [_block_dict(b, zoom) for b in blocks]})
+        blocks_file = blocks_relpath(doc_id)
+        atomic_write_json_gz(os.path.join(cfg.output, blocks_file),
+                             {"schema": SCHEMA, "doc_id": doc_id, "pages": page_blocks})
+        timing["layout"] = timing.get("layout", 0.0) + time.perf_counter() - t0
+        return DocRecord(
+            doc_id=doc_id, source=task.source, sha256=task.sha256, file_bytes=task.file_bytes,
+            num_pages=num_pages, language=language, title=_document_title(labelled, metadata_title),
+            total_tokens=sum(p.tokens for p in pages), image_format=cfg.image_format, dpi=float(cfg.dpi),
+            section_source=sections[0].source if sections else "pages", sections=sections, blocks=blocks_file,
+            pages=pages, warnings=warnings[:MAX_WARNINGS],
+        )
+    finally:
+        doc.close()
+
+
+_WORKER_CONFIG: Optional[PoolConfig] = None
+
+
+def _init_worker(cfg: PoolConfig) -> None:
+    global _WORKER_CONFIG
+    _WORKER_CONFIG = cfg
+    pdfmod.import_pymupdf()
+    detect_language("warm up: load the language model once per worker, not inside a timed document")
+
+
+def process_document(task: DocTask, cfg: Optional[PoolConfig] = None) -> dict:
+    """Worker entry: ``{"record": ...}`` or ``{"rejected": ...}``, plus stage timings."""
+    cfg = cfg or _WORKER_CONFIG
+    assert cfg is not None, "process_document needs a PoolConfig (or a worker initialized with one)"
+    timing: dict = {}
+    try:
+        record = build_record(task, cfg, timing)
+        return {"record": record.to_dict(), "timing": timing}
+    except PdfRejected as rejected:
+        remove_document_outputs(cfg.output, task.doc_id)
+        rejection = Rejection(task.source, rejected.reason, rejected.detail, task.sha256)
+        return {"rejected": rejection.to_dict(), "timing": timing}
+
+
+# ---------------------------------------------------------------------------------- a shard
+
+
+def shard_paths(output: str, index: int, count: int) -> dict[str, str]:
+    base = os.path.join(output, "shards")
+    tag = f"{index}-of-{count}"
+    return {"manifest": os.path.join(base, f"manifest-{tag}.jsonl"),
+            "rejected": os.path.join(base, f"rejected-{tag}.jsonl"),
+            "done": os.path.join(base, f"done-{tag}.json")}
+
+
+def check_pool_config(cfg: PoolConfig) -> None:
+    """Write ``pool_config.json`` on first use; refuse to mix settings into an existing pool."""
+    path = os.path.join(cfg.output, "pool_config.json")
+    wanted = cfg.output_settings()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            existing = json.load(f)
+        if existing != json.loads(dumps(wanted)):
+            diff = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != json.loads(dumps(wanted)).get(k))
+            raise ValueError(f"{cfg.output} was built with other settings ({', '.join(diff)}); "
+                             f"use a new --output or the same settings (see {path})")
+        return
+    atomic_write_json(path, wanted)
+
+
+@dataclass
+class ShardResult:
+    """What one shard run did (printed by the CLI, saved in the done marker)."""
+
+    index: int
+    count: int
+    inputs: int
+    resumed: int  # already finished in an earlier run
+    accepted: int = 0
+    rejected: int = 0
+    pages: int = 0
+    seconds: float = 0.0
+    reasons: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="doc", dynamic_ncols=True, file=sys.stderr)
+
+
+def _hash_all(paths: Sequence[str], threads: int, progress: bool) -> dict[str, Any]:
+    """path -> (sha256, size) or the OSError that stopped reading it."""
+
+    def one(path: str):
+        try:
+            return path, (sha256_file(path), os.path.getsize(path))
+        except OSError as exc:
+            return path, exc
+
+    out: dict[str, Any] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for path, value in _progress(pool.map(one, paths), len(paths), "hashing", progress and len(paths) > 50):
+            out[path] = value
+    return out
+
+
+def plan_shard(paths: Sequence[str], done: set[str], held: dict[str, str], exclude: frozenset,
+               hashes: dict[str, Any]) -> tuple[list[DocTask], list[Rejection]]:
+    """Split a shard's unfinished paths into tasks and immediate rejections (deterministically:
+    among equal hashes the smallest path is processed)."""
+    tasks: list[DocTask] = []
+    rejections: list[Rejection] = []
+    by_sha: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        if path in done:
+            continue
+        value = hashes[path]
+        if isinstance(value, OSError):
+            rejections.append(Rejection(path, "unreadable", f"{type(value).__name__}: {value}"))
+        else:
+            by_sha[value[0]].append(path)
+    for sha, group in sorted(by_sha.items(), key=lambda kv: min(kv[1])):
+        group.sort()
+        if sha in exclude:
+            rejections.extend(Rejection(p, "contaminated", "SHA-256 in the exclusion list", sha) for p in group)
+            continue
+        keep = held.get(sha)
+        if keep is None:
+            keep = group[0]
+            tasks.append(DocTask(source=keep, sha256=sha, file_bytes=hashes[keep][1]))
+        rejections.extend(Rejection(p, "duplicate", "same SHA-256 as another document", sha, duplicate_of=keep)
+                          for p in group if p != keep)
+    tasks.sort(key=lambda t: t.source)
+    return tasks, rejections
+
+
+def _outcome_to_result(task: DocTask, outcome: Outcome) -> dict:
+    if outcome.status == "ok":
+        return outcome.value
+    reason = {"timeout": "timeout", "crash": "crash"}.get(outcome.status, "render_failure")
+    return {"rejected": Rejection(task.source, reason, outcome.detail[:500], task.sha256).to_dict()}
+
+
+def run_shard(
+    inputs: Sequence[str],
+    cfg: PoolConfig,
+    shard: tuple[int, int] = (0, 1),
+    exclude: Iterable[str] = (),
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+) -> ShardResult:
+    """Process this shard's share of ``inputs`` into ``cfg.output`` (resuming a previous run)."""
+    cfg.validate()
+    start = time.monotonic()
+    index, count = shard
+    os.makedirs(cfg.output, exist_ok=True)
+    check_pool_config(cfg)
+    files = shard_paths(cfg.output, index, count)
+    if os.path.exists(files["done"]):
+        os.unlink(files["done"])  # this shard is not done until this run says so
+
+    paths = select_shard(sorted(set(inputs)), index, count)
+    records = read_jsonl(files["manifest"], repair=True, keys=("source", "sha256"))
+    old_rejections = read_jsonl(files["rejected"], repair=True, keys=("source", "reason"))
+    done = {r["source"] for r in records}
+    done |= {r["source"] for r in old_rejections if not (cfg.retry_failed and r.get("reason") in RETRYABLE)}
+    held = {r["sha256"]: r["source"] for r in records}
+    todo = [p for p in paths if p not in done]
+    result = ShardResult(index=index, count=count, inputs=len(paths), resumed=len(paths) - len(todo))
+    if result.resumed:
+        log(f"shard {index}/{count}: {result.resumed} of {len(paths)} documents already done, resuming")
+
+    hashes = _hash_all(todo, threads=min(8, 2 * max(1, cfg.workers)), progress=cfg.progress)
+    tasks, early = plan_shard(todo, done, held, frozenset(x.lower() for x in exclude), hashes)
+    reasons: Counter = Counter()
+    timing: Counter = Counter()
+    with JsonlAppender(files["manifest"]) as manifest, JsonlAppender(files["rejected"]) as rejected_log:
+        for rejection in early:
+            rejected_log.append(rejection.to_dict())
+            reasons[rejection.reason] += 1
+        if cfg.ocr and pdfmod.ocr_tessdata(cfg.ocr_languages) is None:
+            log(f"warning: --ocr given but Tesseract language data for {cfg.ocr_languages!r} was not found "
+                "(apt-get install tesseract-ocr); pages without text get no blocks")
+        outcomes = run_tasks(
+            tasks, process_document, workers=cfg.workers, timeout=cfg.doc_timeout,
+            initializer=_init_worker, initargs=(cfg,), memory_bytes=int(cfg.worker_memory_gb * 2**30),
+        )
+        bar = _progress(outcomes, len(tasks), f"shard {index}/{count}", cfg.progress)
+        for task, outcome in bar:
+            value = _outcome_to_result(task, outcome)
+            timing.update(value.get("timing", {}))
+            if "record" in value:
+                manifest.append(value["record"])
+                result.accepted += 1
+                result.pages += value["record"]["num_pages"]
+            else:
+                if outcome.status != "ok":
+                    remove_document_outputs(cfg.output, task.doc_id)
+                rejected_log.append(value["rejected"])
+                reasons[value["rejected"]["reason"]] += 1
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(ok=result.accepted, rejected=sum(reasons.values()), pages=result.pages, refresh=False)
+    result.rejected = sum(reasons.values())
+    result.reasons = dict(sorted(reasons.items()))
+    result.timing = {k: round(v, 3) for k, v in sorted(timing.items())}
+    result.seconds = round(time.monotonic() - start, 3)
+    atomic_write_json(files["done"], asdict(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------ merge
+
+
+def shards_done(output: str, count: int) -> list[int]:
+    """Indices of shards (of ``count``) that have not finished."""
+    return [i for i in range(count) if not os.path.exists(shard_paths(output, i, count)["done"])]
+
+
+def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
+    """Merge shard manifests into ``manifest.jsonl`` (sorted by doc_id; duplicates across shards
+    dropped, keeping the smallest path), and write ``report.json`` and ``stats.json``.
+
+    Streams: only a small summary per document is held in memory; record lines are copied
+    verbatim from the shard files, so the merged bytes equal the shards' bytes.
+    """
+    missing = shards_done(output, count)
+    if require_complete and missing:
+        raise RuntimeError(f"shards not finished: {missing} of {count}")
+    entries = []  # (doc_id, sha256, source, shard, offset, length, summary)
+    rejections: dict[str, dict] = {}
+    for i in range(count):
+        files = shard_paths(output, i, count)
+        if os.path.exists(files["manifest"]):
+            offset = 0
+            with open(files["manifest"], "rb") as f:
+                for raw in f:
+                    if not raw.endswith(b"\n"):
+                        break
+                    try:
+                        rec = json.loads(raw)
+                    except ValueError:
+                        break
+                    summary = (rec["num_pages"], rec["language"], rec["total_tokens"], rec.get("section_source", ""),
+                               tuple(Counter(p["source"] for p in rec["pages"]).items()))
+                    entries.append((rec["doc_id"], rec["sha256"], rec["source"], i, offset, len(raw), summary))
+                    offset += len(raw)
+        for rej in read_jsonl(files["rejected"]):
+            rejections[rej["source"]] = rej  # the latest word on a path wins (--retry-failed)
+    kept: dict[str, tuple] = {}
+    for entry in sorted(entries, key=lambda e: (e[1], e[2])):
+        if entry[1] in kept:
+            rejections[entry[2]] = Rejection(entry[2], "duplicate", "same SHA-256 as another document", entry[1],
+                                             duplicate_of=kept[entry[1]][2]).to_dict()
+        else:
+            kept[entry[1]] = entry
+    accepted_sources = {e[2] for e in kept.values()}
+    rejections = {s: r for s, r in rejections.items() if s not in accepted_sources}
+    ordered = sorted(kept.values(), key=lambda e: (e[0], e[1], e[2]))
+
+    _copy_lines(output, count, [(e[3], e[4], e[5]) for e in ordered], os.path.join(output, "manifest.jsonl"))
+
+    rejected_list = sorted(rejections.values(), key=lambda r: r["source"])
+    stats = pool_stats([e[6] for e in ordered], rejected_list)
+    report = {
+        "schema": SCHEMA,
+        "shards": count,
+        "counts": {"inputs": stats["documents"] + len(rejected_list), "accepted": stats["documents"],
+                   "rejected": len(rejected_list), "rejected_by_reason": stats["rejected_by_reason"]},
+        "rejected": rejected_list,
+    }
+    atomic_write_json(os.path.join(output, "report.json"), report)
+    atomic_write_json(os.path.join(output, "stats.json"), stats)
+    return stats
+
+
+def _copy_lines(output: str, count: int, spans: Sequence[tuple[int, int, int]], target: str) -> None:
+    """Write the given (shard, offset, length) line spans, in order, to ``target`` atomically."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(target), dir=os.path.dirname(target))
+    handles: dict[int, Any] = {}
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for shard, offset, length in spans:
+                if shard not in handles:
+                    handles[shard] = open(shard_paths(output, shard, count)["manifest"], "rb")
+                handles[shard].seek(offset)
+                out.write(handles[shard].read(length))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+def pool_stats(summaries: Sequence[tuple], rejected: Sequence[dict]) -> dict:
+    """Table-9-style statistics from (num_pages, language, tokens, section_source, page sources)."""
+    pages = [s[0] for s in summaries]
+    tokens = [s[2] for s in summaries]
+    languages = Counter(s[1] for s in summaries)
+    sources: Counter = Counter()
+    for s in summaries:
+        sources.update(dict(s[4]))
+    n = len(summaries)
+    return {
+        "documents": n,
+        "page_range": [min(pages), max(pages)] if pages else [0, 0],
+        "avg_pages": round(sum(pages) / n, 2) if n else 0.0,
+        "total_pages": sum(pages),
+        "total_tokens": sum(tokens),
+        "token_range": [min(tokens), max(tokens)] if tokens else [0, 0],
+        "avg_tokens_per_page": round(sum(tokens) / max(sum(pages), 1), 1),
+        "languages": {lang: {"documents": c, "percent": round(100.0 * c / n, 2)}
+                      for lang, c in sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))},
+        "page_block_sources": dict(sorted(sources.items())),
+        "section_sources": dict(sorted(Counter(s[3] for s in summaries).items())),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+    }
+
+
+_LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "es": "Spanish",
+                   "ja": "Japanese", "ru": "Russian", "unknown": "Unknown"}
+
+
+def format_stats(stats: dict) -> str:
+    """The statistics as a small table, laid out like the paper's Table 9."""
+    rows = [
+        ("Corpus scale", "Number of documents", f"{stats['documents']:,}"),
+        ("", "Page-count range", f"[{stats['page_range'][0]}, {stats['page_range'][1]}]"),
+        ("", "Average pages", f"{stats['avg_pages']:.2f}"),
+        ("", "Total pages", f"{stats['total_pages']:,}"),
+        ("", "Total visual tokens", f"{stats['total_tokens']:,}"),
+    ]
+    first = True
+    for lang, entry in stats["languages"].items():
+        name = _LANGUAGE_NAMES.get(lang, lang)
+        share = f"{entry['documents']:,} ({entry['percent']:.2f}%)"
+        rows.append(("Lang." if first else "", f"{name} documents", share))
+        first = False
+    rows.append(("Rejected", "Documents", f"{stats['rejected']:,}"))
+    for reason, c in stats["rejected_by_reason"].items():
+        rows.append(("", reason, f"{c:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
+
+
+__all__ = [
+    "DocTask",
+    "PoolConfig",
+    "ShardResult",
+    "build_record",
+    "check_pool_config",
+    "format_stats",
+    "merge_pool",
+    "plan_shard",
+    "pool_stats",
+    "process_document",
+    "remove_document_outputs",
+    "remove_stale_temporaries",
+    "run_shard",
+    "shard_paths",
+    "shards_done",
+]
