@@ -1,0 +1,126 @@
+"""The training-sample JSONL format shared by synthesis, mixing, preprocessing and evaluation.
+
+One JSON object per line::
+
+    {"id": "f4dc...:extract-single:0",
+     "task": "extract-single",            # extract-single | extract-multi | reasoning | ocr-full |
+                                          # ocr-needle | short (LLaVA-style short data) | eval
+     "image_root": "/data/pool",          # optional: relative image paths resolve against it
+     "images": ["images/f4/f4dc.../0001.jpg", ...],   # in the order the messages use them
+     "image_tokens": [2508, ...],         # optional: Qwen2.5-VL tokens per image (pool's count)
+     "messages": [
+        {"role": "system", "content": "..."},                       # optional
+        {"role": "user", "content": [{"type": "image"}, ..., {"type": "text", "text": "Question ..."}]},
+        {"role": "assistant", "content": "Answer ..."}],          # the supervised turn(s)
+     "meta": {"doc_id": ..., "answer": ..., "answer_format": "String|Integer|Float|List|None",
+              "evidence_pages": [12], "evidence_sources": [...], "num_pages": 40, "num_tokens": 101234,
+              ...}}
+
+``{"type": "image"}`` items consume ``images`` in order; their count must equal ``len(images)``.
+Loss is taken on assistant turns only. Readers name the file and line of every bad record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+TASKS = ("extract-single", "extract-multi", "reasoning", "ocr-full", "ocr-needle", "short", "eval")
+ROLES = ("system", "user", "assistant")
+ANSWER_FORMATS = ("String", "Integer", "Float", "List", "None")
+
+
+class SampleError(ValueError):
+    """A record that does not follow the format; the message names where and what."""
+
+
+@dataclass
+class Sample:
+    id: str
+    task: str
+    images: list[str]
+    messages: list[dict[str, Any]]
+    image_root: Optional[str] = None
+    image_tokens: Optional[list[int]] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def image_paths(self) -> list[str]:
+        """Absolute (or as-given) paths of the images, in message order."""
+        if not self.image_root:
+            return list(self.images)
+        return [p if os.path.isabs(p) else os.path.join(self.image_root, p) for p in self.images]
+
+    def num_image_slots(self) -> int:
+        return sum(1 for m in self.messages if isinstance(m["content"], list)
+                   for item in m["content"] if item.get("type") == "image")
+
+    def to_json(self) -> str:
+        record: dict[str, Any] = {"id": self.id, "task": self.task}
+        if self.image_root:
+            record["image_root"] = self.image_root
+        record["images"] = self.images
+        if self.image_tokens is not None:
+            record["image_tokens"] = self.image_tokens
+        record["messages"] = self.messages
+        record["meta"] = self.meta
+        return json.dumps(record, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, record: Any, where: str = "record") -> "Sample":
+        if not isinstance(record, dict):
+            raise SampleError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [k for k in ("id", "task", "images", "messages") if k not in record]
+        if missing:
+            raise SampleError(f"{where}: missing field(s) {missing}")
+        if record["task"] not in TASKS:
+            raise SampleError(f"{where}: task {record['task']!r} is not one of {TASKS}")
+        images, messages = record["images"], record["messages"]
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise SampleError(f"{where}: 'images' must be a list of paths")
+        if not isinstance(messages, list) or not messages:
+            raise SampleError(f"{where}: 'messages' must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or "content" not in m:
+                raise SampleError(f"{where}: message {i} needs a role in {ROLES} and a content")
+            content = m["content"]
+            if isinstance(content, list):
+                for item in content:
+                    if not isinstance(item, dict) or item.get("type") not in ("image", "text"):
+                        raise SampleError(f"{where}: message {i} has a content item that is not "
+                                          "{'type': 'image'} or {'type': 'text', 'text': ...}")
+                    if item["type"] == "text" and not isinstance(item.get("text"), str):
+                        raise SampleError(f"{where}: message {i} has a text item without a string 'text'")
+            elif not isinstance(content, str):
+                raise SampleError(f"{where}: message {i} content must be a string or a list")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SampleError(f"{where}: no assistant turn, so nothing to learn from")
+        tokens = record.get("image_tokens")
+        if tokens is not None and (not isinstance(tokens, list) or len(tokens) != len(images)):
+            raise SampleError(f"{where}: 'image_tokens' must list one count per image")
+        sample = cls(id=str(record["id"]), task=record["task"], images=images, messages=messages,
+                     image_root=record.get("image_root"), image_tokens=tokens, meta=record.get("meta") or {})
+        slots = sample.num_image_slots()
+        if slots != len(images):
+            raise SampleError(f"{where}: messages have {slots} image slots but 'images' lists {len(images)}")
+        return sample
+
+
+def read_samples(path: str) -> Iterator[tuple[int, Sample | SampleError]]:
+    """(line number, sample or the error for that line) for every non-empty line; never stops early,
+    so callers can count and report every bad line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, SampleError(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            try:
+                yield number, Sample.from_dict(record, where)
+            except SampleError as err:
+                yield number, err
