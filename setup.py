@@ -57,6 +57,7 @@ setup(
         "numpy",
         "pillow",
         "tqdm",
+        "tensorboard",  # training metrics
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
         "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
         "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)

@@ -1,0 +1,46 @@
+"""Train: ``python -m megatron_vlm.train --recipe NAME [--set key=value ...]`` (torchrun for >1 GPU).
+
+The resolved config is printed and saved as <run_dir>/config.json; checkpoints go to
+<run_dir>/checkpoints (or checkpoint.dir) and a rerun resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_vlm.training.config import apply_overrides
+    from megatron_vlm.training.recipes import RECIPES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config value, e.g. --set optim.lr=2e-5 --set data.prefix=data/mix")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+
+    cfg = apply_overrides(RECIPES[args.recipe](), args.overrides)
+    cfg.rows_per_step()
+    print(cfg.to_json(), flush=True)
+    if args.print_config:
+        return 0
+
+    from megatron_vlm.parallel import destroy_parallel
+    from megatron_vlm.training.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        if trainer.step >= trainer.total_steps and (not cfg.checkpoint.interval or trainer.step % cfg.checkpoint.interval):
+            trainer.save()  # always leave the final weights
+    finally:
+        destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""LongPT training: config and recipes, optimisation, loss normalisation, checkpoints, metrics, loop."""
