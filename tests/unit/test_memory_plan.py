@@ -72,10 +72,11 @@ def test_lm_layer_activation_bytes_match_what_autograd_saves(megatron_world, mon
     params = packed_seq_params(torch.tensor([0, seq], dtype=torch.int32))
     lm = model.language_model
     hidden = lm.embed_tokens(ids).detach().requires_grad_()
-    cos, sin = (t.to(torch.bfloat16) for t in lm.rotary_tables(positions))
+    rope = lm.rotary(positions, torch.bfloat16)
+    cos, _ = rope.tables()
     layer = lm.decoder.layers[0]
     measured = _saved_activation_bytes(lambda: layer(hidden_states=hidden, attention_mask=None,
-                                                     rotary_pos_emb=(cos, sin), packed_seq_params=params),
+                                                     rotary_pos_emb=rope, packed_seq_params=params),
                                        layer)
     measured -= 2 * cos.untyped_storage().nbytes()  # the rotary tables are shared by all layers
     predicted = lm_layer_bytes_per_token(CFG.language, tp=1) * seq
