@@ -1,0 +1,308 @@
+"""Scoring predictions: an LLM judge through any OpenAI-compatible endpoint, or the rules.
+
+The judge follows the rubric of the paper's Appendix B.1 (prompts written here in our own words):
+
+* single answers (String, Integer, Float, and "Not answerable"): the judge says correct or not
+  (score 1 or 0);
+* lists: the judge counts the items in the model's answer and how many reference items they
+  cover; the score is the F1 of those counts (``scoring.f1_from_counts``).
+
+Replies are parsed from the last JSON object in the text. A reply without a usable one is asked
+again (bounded); if it still fails, that record is scored by the rules and marked
+``scored_by: "rules (judge reply unusable)"``. Every judge reply is appended to a JSONL cache
+keyed by (rubric version, judge model, question, answer, format, prediction), so a killed run
+resumes and re-scoring old predictions costs nothing twice. The API key comes from the
+environment and is never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Protocol
+
+from megatron_vlm.eval.backends import BackendError, OpenAIClient
+from megatron_vlm.eval.scoring import (clean_prediction, f1_from_counts, gold_is_not_answerable, normalize_format,
+                                       parse_list, score_answer)
+
+RUBRIC_VERSION = "mvlm-judge-v1"
+
+SINGLE_RUBRIC = """You grade a model's answer to a question about a document by comparing it with the reference answer.
+
+Rules:
+- Judge only the final answer the model gives, not how it got there.
+- The answer is correct when it states the same thing as the reference. These count as the same: a number written another way (0.1 and 10%, 1,200 and 1.2 thousand), synonyms and common abbreviations (UK and United Kingdom), singular and plural forms. Answers that are merely related, less precise, or that add a wrong claim are not correct.
+- If the reference is "Not answerable", the answer is correct only when it says that the document does not give the answer.
+- If the question asks for several things, all of them must be right.
+
+Give at most 100 words of reasoning, then end with a JSON object on its own line: {"correct": 1} if the answer is correct, {"correct": 0} if not."""
+
+LIST_RUBRIC = """You grade a model's answer to a question whose reference answer is a list of required items.
+
+Steps:
+1. Pull out the separate items the model's answer gives, ignoring filler such as "The answer is".
+2. For every reference item decide whether the model's items cover it. An item is covered when the model names it exactly or by an unambiguous equivalent: the same number in another form (0.1 and 10%), a synonym or abbreviation (UK and United Kingdom), singular or plural. Loosely related items do not count.
+
+Give at most 150 words of reasoning, then end with a JSON object on its own line:
+{"answer_items": <number of items in the model's answer>, "covered_items": <number of reference items covered>}"""
+
+SINGLE_EXAMPLES = (
+    ("What share of the respondents chose option B?", "0.35", "35% of respondents.",
+     'The reference 0.35 and the answer 35% are the same share.\n{"correct": 1}'),
+    ("Which city hosts the company's headquarters?", "Not answerable", "Berlin",
+     'The reference says the document does not give this, but the answer names a city.\n{"correct": 0}'),
+    ("In which year did the plant open, and how many people worked there?", "1998; 450", "It opened in 1998.",
+     'The year is right but the number of workers is missing.\n{"correct": 0}'),
+)
+LIST_EXAMPLES = (
+    ("Which colours appear in the logo?", "['red', 'blue', 'green']", "Red and blue.",
+     'The answer gives red and blue (2 items); both are reference items, green is missing.\n'
+     '{"answer_items": 2, "covered_items": 2}'),
+    ("Which countries are named as partners?", "['United Kingdom', 'France']", "UK, France and Spain",
+     'The answer gives UK, France, Spain (3 items); UK and France cover the two reference items.\n'
+     '{"answer_items": 3, "covered_items": 2}'),
+)
+_ASK_AGAIN = "Your reply did not end with the JSON object asked for. Reply again and end with that JSON object."
+
+
+@dataclass
+class ScoreResult:
+    score: float
+    scored_by: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Scorer(Protocol):
+    name: str
+    parallel: int
+
+    def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult: ...
+
+
+class RuleScorer:
+    name = "rules"
+    parallel = 1
+
+    def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult:
+        if not clean_prediction(prediction):
+            return ScoreResult(0.0, "empty")
+        return ScoreResult(score_answer(prediction, answer, answer_format), "rules")
+
+
+class JudgeError(RuntimeError):
+    """The judge endpoint cannot be reached; the cache keeps what was judged, rerun to resume."""
+
+
+def _json_objects(text: str) -> list[dict]:
+    """JSON objects in ``text`` (fenced or bare), last one last."""
+    found = []
+    for match in re.finditer(r"\{[^{}]*\}", text or ""):
+        try:
+            obj = json.loads(match.group(0))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+    return found
+
+
+def _as_count(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)) and float(value).is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
+def parse_single_reply(text: str) -> Optional[int]:
+    """1 or 0 from the last {"correct": ...} object, None if there is no usable one."""
+    for obj in reversed(_json_objects(text)):
+        if "correct" in obj:
+            value = obj["correct"]
+            if isinstance(value, bool):
+                return int(value)
+            count = _as_count(value)
+            return count if count in (0, 1) else None
+    return None
+
+
+def parse_list_reply(text: str) -> Optional[tuple[int, int]]:
+    """(answer_items, covered_items) from the last object that has both, None if unusable."""
+    for obj in reversed(_json_objects(text)):
+        if "answer_items" in obj and "covered_items" in obj:
+            a, c = _as_count(obj["answer_items"]), _as_count(obj["covered_items"])
+            return None if a is None or c is None else (a, c)
+    return None
+
+
+class LLMJudge:
+    """LLM-as-judge over ``/v1/chat/completions``, cached in a JSONL file (resumable)."""
+
+    def __init__(self, url: str, model: Optional[str] = None, cache_path: Optional[str] = None,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 300.0, retries: int = 3,
+                 bad_reply_retries: int = 2, parallel: int = 4, max_tokens: int = 512):
+        self.client = OpenAIClient(url, api_key_env, timeout, retries, model)
+        self.name = f"judge:{self.client.model}"
+        self.parallel = max(1, parallel)
+        self.bad_reply_retries = bad_reply_retries
+        self.max_tokens = max_tokens
+        self.cache_path = cache_path
+        self._lock = threading.Lock()
+        self._cache: dict[str, dict] = {}
+        self._appender = None
+        self.calls = 0  # requests sent (cache hits cost none)
+        if cache_path:
+            from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
+
+            for entry in read_jsonl(cache_path, repair=True):
+                if "key" in entry:
+                    self._cache[entry["key"]] = entry
+            self._appender = JsonlAppender(cache_path, fsync=False)
+
+    def _key(self, kind: str, question: str, answer: Any, answer_format: str, prediction: str) -> str:
+        payload = json.dumps([RUBRIC_VERSION, self.client.model, kind, question, answer, answer_format, prediction],
+                             ensure_ascii=False)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    def _messages(self, kind: str, question: str, answer: Any, prediction: str) -> list[dict]:
+        rubric, examples = (LIST_RUBRIC, LIST_EXAMPLES) if kind == "list" else (SINGLE_RUBRIC, SINGLE_EXAMPLES)
+        gold_name = "Reference list" if kind == "list" else "Reference answer"
+        messages = [{"role": "system", "content": rubric}]
+        for q, a, p, reply in examples:
+            messages.append({"role": "user", "content": f"Question: {q}\n{gold_name}: {a}\nModel answer: {p}"})
+            messages.append({"role": "assistant", "content": reply})
+        answer_text = answer if isinstance(answer, str) else json.dumps(answer, ensure_ascii=False)
+        messages.append({"role": "user", "content": f"Question: {question}\n{gold_name}: {answer_text}\n"
+                                                    f"Model answer: {prediction}"})
+        return messages
+
+    def _ask(self, kind: str, messages: list[dict]) -> tuple[str, Any, int]:
+        replies = 0
+        text = ""
+        for _ in range(self.bad_reply_retries + 1):
+            try:
+                text = self.client.chat(messages, max_tokens=self.max_tokens, temperature=0.0)
+            except BackendError as err:
+                raise JudgeError(f"judge {self.client.url}: {err}") from None
+            replies += 1
+            with self._lock:
+                self.calls += 1
+            parsed = parse_list_reply(text) if kind == "list" else parse_single_reply(text)
+            if parsed is not None:
+                return text, parsed, replies
+            messages = messages + [{"role": "assistant", "content": text}, {"role": "user", "content": _ASK_AGAIN}]
+        return text, None, replies
+
+    def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult:
+        cleaned = clean_prediction(prediction)
+        if not cleaned:
+            return ScoreResult(0.0, "empty")
+        fmt = normalize_format(answer_format)
+        gold_items = parse_list(answer) if fmt == "List" and not gold_is_not_answerable(answer, fmt) else []
+        kind = "list" if gold_items else "single"
+        key = self._key(kind, question, answer, fmt, cleaned)
+        with self._lock:
+            entry = self._cache.get(key)
+        cached = entry is not None
+        if entry is None:
+            raw, parsed, replies = self._ask(kind, self._messages(kind, question, answer, cleaned))
+            entry = {"key": key, "judge": self.client.model, "rubric": RUBRIC_VERSION, "kind": kind,
+                     "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "replies": replies, "raw": raw}
+            with self._lock:
+                self._cache[key] = entry
+                if self._appender is not None:
+                    self._appender.append(entry)
+        parsed = entry["parsed"]
+        detail: dict[str, Any] = {"kind": kind, "cached": cached}
+        if parsed is None:
+            detail["judge_reply"] = (entry.get("raw") or "")[-300:]
+            return ScoreResult(score_answer(cleaned, answer, fmt), "rules (judge reply unusable)", detail)
+        if kind == "single":
+            return ScoreResult(float(parsed), self.name, detail)
+        answer_items, covered = parsed
+        detail.update(answer_items=answer_items, covered_items=covered, reference_items=len(gold_items))
+        if covered > min(answer_items, len(gold_items)):
+            detail["clamped"] = True
+        return ScoreResult(f1_from_counts(len(gold_items), answer_items, covered), self.name, detail)
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
+
+
+def parse_judge_spec(spec: Optional[str]) -> tuple[str, str, dict[str, str]]:
+    """``rules`` or ``openai:URL[,model=NAME]`` -> (kind, url, options)."""
+    if spec in (None, "", "rules"):
+        return "rules", "", {}
+    kind, sep, rest = spec.partition(":")
+    if kind not in ("openai", "vllm") or not sep or not rest:
+        raise ValueError(f"--judge {spec!r}: expected 'rules' or openai:URL[,model=NAME]")
+    pieces = rest.split(",")
+    options = {}
+    for piece in pieces[1:]:
+        key, eq, value = piece.partition("=")
+        if not eq or key not in ("model",):
+            raise ValueError(f"--judge {spec!r}: option {piece!r} is not model=NAME")
+        options[key] = value
+    return "openai", pieces[0], options
+
+
+def make_scorer(spec: Optional[str], cache_path: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
+                parallel: int = 4, timeout: float = 300.0, retries: int = 3):
+    kind, url, options = parse_judge_spec(spec)
+    if kind == "rules":
+        return RuleScorer()
+    return LLMJudge(url, options.get("model"), cache_path, api_key_env, timeout, retries, parallel=parallel)
+
+
+def score_records(records: Iterable[dict], scorer, progress: bool = True, desc: str = "scoring") -> list[dict]:
+    """Copies of ``records`` (question, answer, answer_format, prediction) with ``score`` (0-1),
+    ``scored_by`` and ``judge`` (details) added; order kept."""
+    from tqdm import tqdm
+
+    records = list(records)
+
+    def one(record: dict) -> dict:
+        result = scorer.score(str(record.get("question", "")), record.get("answer"), record.get("answer_format"),
+                              record.get("prediction") or "")
+        out = dict(record, score=result.score, scored_by=result.scored_by)
+        if result.detail:
+            out["judge"] = result.detail
+        return out
+
+    bar = tqdm(total=len(records), desc=desc, disable=not progress, unit="answer")
+    results: list[dict] = []
+    if getattr(scorer, "parallel", 1) > 1 and len(records) > 1:
+        with ThreadPoolExecutor(scorer.parallel) as pool:
+            for out in pool.map(one, records):
+                results.append(out)
+                bar.update()
+    else:
+        for record in records:
+            results.append(one(record))
+            bar.update()
+    bar.close()
+    return results
+
+
+__all__ = [
+    "LIST_RUBRIC",
+    "LLMJudge",
+    "JudgeError",
+    "RUBRIC_VERSION",
+    "RuleScorer",
+    "SINGLE_RUBRIC",
+    "ScoreResult",
+    "make_scorer",
+    "parse_judge_spec",
+    "parse_list_reply",
+    "parse_single_reply",
+    "score_records",
+]

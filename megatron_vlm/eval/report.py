@@ -1,0 +1,218 @@
+"""The evaluation report: per dataset, per length, macro averages (paper Tables 4-5), for several
+models side by side, as JSON, Markdown and a PNG of score vs length.
+
+Averages: the score of a dataset at a length is the mean of its examples' scores (x100); a
+length's AVG is the macro average over the suite's datasets; the overall AVG is the macro
+average over lengths (``overall_lengths``, all lengths by default; the paper uses 64K and 128K).
+Document QA and needle-in-a-haystack are separate suites with separate averages. The first
+model (or ``baseline``) is the reference that every other model's difference is shown against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from typing import Iterable, Optional, Sequence
+
+from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
+from megatron_vlm.eval.build import format_length, parse_length
+
+SUITE_TITLES = {"docqa": "Long-document VQA (MMLongBench-style)", "niah": "Needle in a haystack"}
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
+              overall_lengths: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
+              dropped: Optional[dict] = None) -> dict:
+    """Scored prediction records (model, dataset, length, task, score, ...) -> the report dict."""
+    records = [dict(r, length=r["length"] if isinstance(r["length"], int) else parse_length(str(r["length"])))
+               for r in records]
+    model_order = list(models or [])
+    for r in records:
+        if r["model"] not in model_order:
+            model_order.append(r["model"])
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    suites: dict[str, list[str]] = {}
+    lengths = sorted({int(r["length"]) for r in records})
+    for r in records:
+        suite = "niah" if r.get("task") == "niah" else "docqa"
+        suites.setdefault(suite, [])
+        if r["dataset"] not in suites[suite]:
+            suites[suite].append(r["dataset"])
+        cells[(r["model"], r["dataset"], int(r["length"]))].append(r)
+    over = [n for n in (overall_lengths or lengths) if n in lengths] or lengths
+    base = baseline if baseline in model_order else (model_order[0] if model_order else None)
+    report: dict = {"models": model_order, "baseline": base, "lengths": lengths,
+                    "length_labels": [format_length(n) for n in lengths], "overall_lengths": over, "suites": {}}
+    for suite, datasets in sorted(suites.items()):
+        datasets = sorted(datasets)
+        table: dict = {}
+        for model in model_order:
+            per_length: dict = {}
+            for n in lengths:
+                row: dict = {}
+                for ds in datasets:
+                    rs = cells.get((model, ds, n), [])
+                    if not rs:
+                        continue
+                    row[ds] = {
+                        "score": 100 * _mean([float(r["score"]) for r in rs]),
+                        "n": len(rs),
+                        "errors": sum(1 for r in rs if r.get("error")),
+                        "empty": sum(1 for r in rs if r.get("scored_by") == "empty"),
+                        "judge_fallbacks": sum(1 for r in rs if str(r.get("scored_by", "")).startswith("rules (")),
+                        "mean_tokens": _mean([float(r.get("num_tokens") or 0) for r in rs]),
+                    }
+                    depths = defaultdict(list)
+                    for r in rs:
+                        if r.get("depth") is not None:
+                            depths[float(r["depth"])].append(float(r["score"]))
+                    if depths:
+                        row[ds]["by_depth"] = {f"{d:g}": 100 * _mean(v) for d, v in sorted(depths.items())}
+                avg = _mean([row[ds]["score"] for ds in datasets if ds in row])
+                per_length[format_length(n)] = {"datasets": row, "AVG": avg,
+                                                "complete": all(ds in row for ds in datasets)}
+            overall = _mean([per_length[format_length(n)]["AVG"] for n in over
+                             if per_length.get(format_length(n), {}).get("AVG") is not None])
+            table[model] = {"lengths": per_length, "overall": overall}
+        report["suites"][suite] = {"title": SUITE_TITLES[suite], "datasets": datasets, "models": table}
+    if dropped:
+        report["dropped"] = dropped
+    return report
+
+
+def _fmt(value: Optional[float], signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _delta(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None else a - b
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# Evaluation report", ""]
+    labels = report["length_labels"]
+    over = ", ".join(format_length(n) for n in report["overall_lengths"])
+    lines.append(f"Models: {', '.join(report['models'])}. Scores are x100; AVG is the macro average over "
+                 f"datasets, overall the macro average over {over}. Baseline for differences: {report['baseline']}.")
+    lines.append("")
+    for suite in report["suites"].values():
+        models, datasets, base = suite["models"], suite["datasets"], report["baseline"]
+        lines += [f"## {suite['title']}", "", "### Average by length", ""]
+        lines.append("| model | " + " | ".join(labels) + " | overall |")
+        lines.append("|---" * (len(labels) + 2) + "|")
+        for model, data in models.items():
+            cells = [_fmt(data["lengths"].get(lab, {}).get("AVG")) for lab in labels]
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | {_fmt(data['overall'])} |")
+        for model, data in models.items():
+            if model == base or base not in models:
+                continue
+            ref = models[base]
+            cells = [_fmt(_delta(data["lengths"].get(lab, {}).get("AVG"), ref["lengths"].get(lab, {}).get("AVG")), True)
+                     for lab in labels]
+            lines.append(f"| Δ {model} − {base} | " + " | ".join(cells)
+                         + f" | {_fmt(_delta(data['overall'], ref['overall']), True)} |")
+        lines.append("")
+        for lab in labels:
+            lines += [f"### {lab}", "", "| model | " + " | ".join(datasets) + " | AVG |",
+                      "|---" * (len(datasets) + 2) + "|"]
+            for model, data in models.items():
+                entry = data["lengths"].get(lab, {"datasets": {}, "AVG": None})
+                cells = [_fmt(entry["datasets"].get(ds, {}).get("score")) for ds in datasets]
+                lines.append(f"| {model} | " + " | ".join(cells) + f" | {_fmt(entry['AVG'])} |")
+            lines.append("")
+        lines += ["### Counts", "", "| model | dataset | length | n | mean tokens | errors | empty | judge fallbacks |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for model, data in models.items():
+            for lab in labels:
+                for ds, cell in data["lengths"].get(lab, {"datasets": {}})["datasets"].items():
+                    lines.append(f"| {model} | {ds} | {lab} | {cell['n']} | {cell['mean_tokens']:.0f} | "
+                                 f"{cell['errors']} | {cell['empty']} | {cell['judge_fallbacks']} |")
+        depth_rows = [(m, lab, ds, c["by_depth"]) for m, d in models.items() for lab in labels
+                      for ds, c in d["lengths"].get(lab, {"datasets": {}})["datasets"].items() if "by_depth" in c]
+        if depth_rows:
+            depths = sorted({k for *_, bd in depth_rows for k in bd}, key=float)
+            lines += ["", "### By needle depth", "", "| model | dataset | length | " + " | ".join(depths) + " |",
+                      "|---" * (len(depths) + 3) + "|"]
+            for m, lab, ds, bd in depth_rows:
+                lines.append(f"| {m} | {ds} | {lab} | " + " | ".join(_fmt(bd.get(k)) for k in depths) + " |")
+        lines.append("")
+    dropped = report.get("dropped")
+    if dropped:
+        lines += ["## Dropped", "", "| dataset | reason | count |", "|---|---|---|"]
+        for ds, reasons in sorted(dropped.items()):
+            for reason, count in sorted(reasons.items()):
+                lines.append(f"| {ds} | {reason} | {count} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(report: dict, path: str) -> str:
+    """Score vs length, one line per model: each suite's AVG first, then every dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for suite in report["suites"].values():
+        panels.append((f"{suite['title']}: AVG", suite, None))
+        panels.extend((ds, suite, ds) for ds in suite["datasets"])
+    cols = min(4, max(1, len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    lengths, labels = report["lengths"], report["length_labels"]
+    for ax, (title, suite, ds) in zip(axes.flat, panels):
+        for model, data in suite["models"].items():
+            xs, ys = [], []
+            for n, lab in zip(lengths, labels):
+                entry = data["lengths"].get(lab)
+                if entry is None:
+                    continue
+                value = entry["AVG"] if ds is None else entry["datasets"].get(ds, {}).get("score")
+                if value is not None:
+                    xs.append(n)
+                    ys.append(value)
+            ax.plot(xs, ys, marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels(labels, rotation=45 if len(lengths) > 5 else 0)
+        ax.set_ylim(-3, 103)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("score")
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=min(4, max(1, len(names))), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_report(records: Iterable[dict], out_dir: str, models: Optional[Sequence[str]] = None,
+                 overall_lengths: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
+                 dropped: Optional[dict] = None, plot: bool = True) -> dict:
+    """report.json, report.md and eval_curve.png under ``out_dir``; returns the report dict."""
+    report = summarize(records, models, overall_lengths, baseline, dropped)
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_json(os.path.join(out_dir, "report.json"), report)
+    atomic_write_bytes(os.path.join(out_dir, "report.md"), (render_markdown(report) + "\n").encode("utf-8"))
+    if plot and report["suites"]:
+        plot_curves(report, os.path.join(out_dir, "eval_curve.png"))
+    return report
+
+
+__all__ = ["plot_curves", "render_markdown", "summarize", "write_report"]
