@@ -432,12 +432,42 @@ __all__ = [
 ]
 
 
+CORPUS_SECTIONS = ("Introduction", "Background", "Data Sources", "Methods", "Experiments", "Results",
+                   "Cost Analysis", "Risks", "Discussion", "Outlook")
+
+
+def write_corpus(folder: str, count: int, seed: int = 0) -> list[str]:
+    """``count`` English reports of 12-30 pages with different sections, tables and numbers: a
+    small document pool for the quickstart (deterministic for ``seed``)."""
+    import random
+
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(count):
+        names = rng.sample(CORPUS_SECTIONS, rng.randint(4, 7))
+        sections = [SectionSpec(name, rng.randint(2, 4), table=rng.random() < 0.6, figure=rng.random() < 0.3,
+                                bullets=rng.random() < 0.3) for name in names]
+        spec = ReportSpec(title=f"Project Report {seed * 1000 + i}", sections=sections, seed=seed * 1000 + i)
+        paths.append(write_report_pdf(os.path.join(folder, f"report_{seed:03d}_{i:03d}.pdf"), spec))
+    return paths
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m megatron_vlm.datagen.synthetic_pdfs OUT_DIR", file=sys.stderr)
-        return 2
-    sample = write_sample_set(args[0])
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_vlm.datagen.synthetic_pdfs",
+                                     description="Write the generated sample PDFs (good and deliberately broken).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--corpus", type=int, default=0, metavar="N",
+                        help="write N generated reports (12-30 pages) instead of the test sample set")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.corpus:
+        paths = write_corpus(args.out_dir, args.corpus, args.seed)
+        print(f"wrote {len(paths)} reports to {args.out_dir}")
+        return 0
+    sample = write_sample_set(args.out_dir)
     for name, path in sample.good.items():
         print(f"good  {name:10s} {path}")
     for name, (path, reason) in sample.bad.items():
