@@ -1,29 +1,76 @@
 #!/usr/bin/env bash
-# The main job on a fresh CPU machine: install, then run every stage that exists so far on a tiny
-# Qwen2.5-VL-architecture model. Stages land with their issues (see README.md, "Status"):
-#   now:   HF checkpoint -> Megatron distributed checkpoint (rope 1e6 -> 4e6) -> logit check
-#          -> HF export -> the export loads in transformers and matches again
-#   next:  PDFs -> pool -> VQA -> mix -> mmap -> train -> export -> eval report
+# The main job on a fresh CPU machine, end to end, in minutes: install; generate report PDFs;
+# build the document pool; synthesize long-document VQA with the offline teacher; mix 40/40/20;
+# preprocess into megatron-core mmap datasets; train a tiny Qwen2.5-VL-architecture model; export
+# it to Hugging Face format; evaluate it on held-out documents. Every artifact's path is printed.
+#
+# The pages are rendered at 24 DPI here (63 tokens per page instead of 2,508 at the recipe's 144)
+# so that whole documents fit the tiny model's 2K-token rows on a CPU. Knobs: WORK, STEPS, PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 WORK=${WORK:-work_dirs/quickstart}
+STEPS=${STEPS:-200}
+ROW=${ROW:-2048}
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"   # the CPU build; never a CUDA one here
 fi
 "$PY" -m pip install -q -e ".[dev]"
-export PYTHONWARNINGS=ignore
+export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+step() { printf '\n== %s\n' "$*"; }
 
 rm -rf "$WORK" && mkdir -p "$WORK"
-echo "== 1. a tiny random HF Qwen2.5-VL checkpoint"
-"$PY" tools/make_tiny_checkpoint.py "$WORK/hf"
-echo "== 2. HF -> Megatron (distributed checkpoint, rope base 1e6 -> 4e6, checked for TP=2)"
-"$PY" tools/checkpoint/convert.py hf-to-megatron --hf-dir "$WORK/hf" --out-dir "$WORK/megatron" --tp 2 --rope-theta 4e6
-echo "== 3. verify: Megatron vs transformers logits on fixed text + image inputs"
-"$PY" tools/checkpoint/convert.py verify --hf-dir "$WORK/hf" --megatron-dir "$WORK/megatron"
-echo "== 4. Megatron -> HF export"
-"$PY" tools/checkpoint/convert.py megatron-to-hf --in-dir "$WORK/megatron" --out-dir "$WORK/hf_export"
-echo "== 5. verify the export (loads with transformers, rope base 4e6 in its config)"
-"$PY" tools/checkpoint/convert.py verify --hf-dir "$WORK/hf_export" --megatron-dir "$WORK/megatron"
-echo "quickstart done: outputs in $WORK"
+step "1. PDFs: 14 generated reports for training, 4 held out for evaluation, + the broken-file set"
+"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/train" --corpus 14 --seed 1
+"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/eval" --corpus 4 --seed 2
+"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/broken" >/dev/null
+
+step "2. document pools (training pool excludes the held-out documents by SHA-256)"
+"$PY" tools/build_doc_pool.py --input "$WORK/pdfs/eval" --output "$WORK/pool_eval" --dpi 24 --min-pages 8 --workers 2
+"$PY" tools/evaluate.py holdout --pool "$WORK/pool_eval" --num-docs 4 --output "$WORK/eval_hashes.txt"
+"$PY" tools/build_doc_pool.py --input "$WORK/pdfs/train" "$WORK/pdfs/broken" "$WORK/pdfs/eval" \
+    --output "$WORK/pool" --dpi 24 --min-pages 8 --workers 2 --exclude-hashes "$WORK/eval_hashes.txt"
+
+step "3. VQA synthesis with the offline teacher (no model server needed)"
+for task in extract-single extract-multi reasoning; do
+  "$PY" tools/synthesize_vqa.py --pool "$WORK/pool" --task "$task" --output "$WORK/vqa/$task.jsonl" \
+      --num-samples 120 --teacher offline --min-pages 8 --max-pages 60 --seed 0 --no-progress
+done
+"$PY" tools/synthesize_vqa.py --pool "$WORK/pool_eval" --task extract-single --output "$WORK/eval/heldout.jsonl" \
+    --num-samples 12 --teacher offline --min-pages 8 --max-pages 60 --seed 7 --no-progress
+
+step "4. mixture: 40/40/20 extract-single / extract-multi / reasoning, pool-native lengths"
+"$PY" tools/mix_data.py --input "$WORK/vqa/extract-single.jsonl" "$WORK/vqa/extract-multi.jsonl" \
+    "$WORK/vqa/reasoning.jsonl" --output "$WORK/mix.jsonl" --token-budget 400K --seed 0 --no-progress
+
+step "5. preprocessing into megatron-core indexed datasets + image store + pack plan"
+"$PY" tools/preprocess_data.py --input "$WORK/mix.jsonl" --output-prefix "$WORK/data/mix" --max-seq-len "$ROW" \
+    --workers 0 --pack --no-progress
+
+step "6. training a tiny Qwen2.5-VL-architecture model on CPU ($STEPS steps of 2 packed rows)"
+"$PY" -m megatron_vlm.train --recipe tiny_cpu --set "data.prefix=$WORK/data/mix" --set "data.max_seq_len=$ROW" \
+    --set "schedule.global_batch_tokens=$((2 * ROW))" --set "schedule.train_steps=$STEPS" \
+    --set "log.run_dir=$WORK/run" --set log.interval=20 --set checkpoint.interval=100 --set data.num_workers=1 \
+    | grep -v '^[ {}]'
+CKPT=$(printf '%s/run/checkpoints/%s' "$WORK" "$(cat "$WORK/run/checkpoints/latest")")
+
+step "7. export to Hugging Face format (loads with transformers)"
+"$PY" tools/checkpoint/convert.py megatron-to-hf --in-dir "$CKPT" --out-dir "$WORK/hf_export"
+
+step "8. evaluation on the held-out documents (rule-based scorer), ours vs the exported HF model"
+"$PY" tools/evaluate.py --data "samples:$WORK/eval/heldout.jsonl,pool=$WORK/pool_eval" --lengths 1K,2K,4K \
+    --model "megatron=megatron:$CKPT" --model "hf=hf:$WORK/hf_export" --judge rules --limit 6 \
+    --max-new-tokens 16 --output "$WORK/eval_out"
+
+cat <<EOF
+
+quickstart done. Artifacts:
+  pools            $WORK/pool (manifest.jsonl, report.json, stats.json), $WORK/pool_eval
+  VQA data         $WORK/vqa/*.jsonl (+ .report.json, .dropped.jsonl)
+  mixture          $WORK/mix.jsonl, $WORK/mix.stats.md, $WORK/mix.hist.png
+  mmap dataset     $WORK/data/mix.* (tokens, loss_mask, images, pack plan, report)
+  training run     $WORK/run (config.json, tensorboard/, checkpoints/)
+  HF export        $WORK/hf_export
+  evaluation       $WORK/eval_out (report.md, report.json, eval_curve.png)
+EOF
