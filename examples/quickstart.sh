@@ -42,7 +42,7 @@ done
 
 step "4. mixture: 40/40/20 extract-single / extract-multi / reasoning, pool-native lengths"
 "$PY" tools/mix_data.py --input "$WORK/vqa/extract-single.jsonl" "$WORK/vqa/extract-multi.jsonl" \
-    "$WORK/vqa/reasoning.jsonl" --output "$WORK/mix.jsonl" --token-budget 400K --seed 0 --no-progress
+    "$WORK/vqa/reasoning.jsonl" --output "$WORK/mix.jsonl" --token-budget 360K --seed 0 --no-progress
 
 step "5. preprocessing into megatron-core indexed datasets + image store + pack plan"
 "$PY" tools/preprocess_data.py --input "$WORK/mix.jsonl" --output-prefix "$WORK/data/mix" --max-seq-len "$ROW" \
@@ -52,7 +52,7 @@ step "6. training a tiny Qwen2.5-VL-architecture model on CPU ($STEPS steps of 2
 "$PY" -m megatron_vlm.train --recipe tiny_cpu --set "data.prefix=$WORK/data/mix" --set "data.max_seq_len=$ROW" \
     --set "schedule.global_batch_tokens=$((2 * ROW))" --set "schedule.train_steps=$STEPS" \
     --set "log.run_dir=$WORK/run" --set log.interval=20 --set checkpoint.interval=100 --set data.num_workers=1 \
-    | grep -v '^[ {}]'
+    | grep --line-buffered -v '^[ {}]'
 CKPT=$(printf '%s/run/checkpoints/%s' "$WORK" "$(cat "$WORK/run/checkpoints/latest")")
 
 step "7. export to Hugging Face format (loads with transformers)"

@@ -45,7 +45,11 @@ def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     if not os.path.isfile(os.path.join(target, "metadata.json")):
         raise FileNotFoundError(f"{target} is not a Megatron distributed checkpoint (no metadata.json); "
                                 "create one with: python tools/checkpoint/convert.py hf-to-megatron")
-    state = dist_checkpointing.load(model.sharded_state_dict(), target)
+    template = model.sharded_state_dict()
+    state = dist_checkpointing.load(template, target)
+    # A training checkpoint also holds the optimizer; its non-tensor part comes back with the
+    # common state. Keep the model's own entries (all of which must be present: strict).
+    state = {key: value for key, value in state.items() if key in template}
     model.load_state_dict(state, strict=True)
 
 

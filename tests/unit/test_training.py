@@ -110,3 +110,19 @@ def test_loss_falls_on_the_tiny_recipe(tmp_path, megatron_world):
     losses = trainer.train()
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.6 * first, (first, last)
+
+
+def test_training_checkpoint_is_a_model_directory_for_export(tmp_path, megatron_world):
+    """convert.py megatron-to-hf reads a training checkpoint (model + optimizer) directly."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megatron_vlm.checkpoint.convert import megatron_to_hf
+    from megatron_vlm.training import checkpoint as ckpt
+    from megatron_vlm.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, **{"schedule.train_steps": 2, "checkpoint.interval": 2}))
+    trainer.train()
+    megatron_to_hf(ckpt.latest_checkpoint(trainer.ckpt_dir), str(tmp_path / "hf"), log=lambda _: None)
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
+    ours = dict(trainer.model.named_parameters())
+    torch.testing.assert_close(hf.lm_head.weight, ours["language_model.output_layer.weight"], rtol=0, atol=0)
