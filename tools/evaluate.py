@@ -319,35 +319,30 @@ def score(args) -> int:
     from megatron_vlm.eval.judge import JudgeError, score_records
     from megatron_vlm.eval.report import write_report
     from megatron_vlm.eval.scoring import normalize_format
+    from megatron_vlm.jsonl import iter_jsonl
 
     good: list[tuple[str, dict]] = []
     bad: list[str] = []
     for path in args.predictions:
         if not os.path.isfile(path):
             raise SystemExit(f"error: {path} does not exist")
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    bad.append(f"{where}: not valid JSON ({err.msg})")
-                    continue
-                if not isinstance(record, dict):
-                    bad.append(f"{where}: not a JSON object")
-                    continue
-                missing = [k for k in ("question", "answer", "answer_format", "prediction") if k not in record]
-                if missing:
-                    bad.append(f"{where}: missing field(s) {missing}")
-                    continue
-                try:
-                    normalize_format(record["answer_format"])
-                except ValueError as err:
-                    bad.append(f"{where}: {err}")
-                    continue
-                good.append((path, record))
+        for number, where, record in iter_jsonl(path):
+            if isinstance(record, json.JSONDecodeError):
+                bad.append(f"{where}: not valid JSON ({record.msg})")
+                continue
+            if not isinstance(record, dict):
+                bad.append(f"{where}: not a JSON object")
+                continue
+            missing = [k for k in ("question", "answer", "answer_format", "prediction") if k not in record]
+            if missing:
+                bad.append(f"{where}: missing field(s) {missing}")
+                continue
+            try:
+                normalize_format(record["answer_format"])
+            except ValueError as err:
+                bad.append(f"{where}: {err}")
+                continue
+            good.append((path, record))
     for message in bad:
         print(f"skipped {message}", file=sys.stderr)
     if not good:

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from megatron_vlm.jsonl import iter_jsonl
+
 TASKS = ("extract-single", "extract-multi", "reasoning", "ocr-full", "ocr-needle", "short", "eval")
 ROLES = ("system", "user", "assistant")
 ANSWER_FORMATS = ("String", "Integer", "Float", "List", "None")
@@ -110,17 +112,11 @@ class Sample:
 def read_samples(path: str) -> Iterator[tuple[int, Sample | SampleError]]:
     """(line number, sample or the error for that line) for every non-empty line; never stops early,
     so callers can count and report every bad line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, SampleError(f"{where}: not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            try:
-                yield number, Sample.from_dict(record, where)
-            except SampleError as err:
-                yield number, err
+    for number, where, record in iter_jsonl(path):
+        if isinstance(record, json.JSONDecodeError):
+            yield number, SampleError(f"{where}: not valid JSON ({record.msg} at column {record.colno})")
+            continue
+        try:
+            yield number, Sample.from_dict(record, where)
+        except SampleError as err:
+            yield number, err

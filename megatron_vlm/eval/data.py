@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
+from megatron_vlm.jsonl import iter_jsonl
 from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS, image_token_count
 from megatron_vlm.eval.scoring import normalize_format
 
@@ -433,41 +434,35 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
     all_pages: dict[str, dict[int, str]] = {}  # document folder -> page number -> absolute path
     bad_keys: set[str] = set()
     for length, path in sorted(by_length.items()):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    out.dropped.append(Dropped(name, where, "bad_record", f"not valid JSON ({err.msg})"))
-                    continue
-                missing = [k for k in MMLB_FIELDS if k not in rec] if isinstance(rec, dict) else list(MMLB_FIELDS)
-                if missing or not isinstance(rec.get("page_list"), list):
-                    out.dropped.append(Dropped(name, where, "bad_record",
-                                               f"missing or invalid field(s) {missing or ['page_list']}"))
-                    continue
-                key = str(rec.get("id") or hashlib.sha256(
-                    f"{rec.get('doc_name')}|{rec['question']}".encode()).hexdigest()[:16])
-                if key in instances and length in instances[key]:
-                    out.dropped.append(Dropped(name, where, "duplicate_id", f"id {key} appears twice in {path}"))
-                    continue
-                paths = []
-                for rel in rec["page_list"]:
-                    full = rel if os.path.isabs(rel) else os.path.join(image_root, rel)
-                    if not os.path.isfile(full):
-                        out.dropped.append(Dropped(name, where, "missing_image", f"{full} does not exist"))
-                        bad_keys.add(key)
-                        break
-                    paths.append(os.path.abspath(full))
-                    folder, page = _doc_of_path(full), page_number_from_path(full)
-                    if page is not None:
-                        all_pages.setdefault(folder, {}).setdefault(page, os.path.abspath(full))
-                if key not in records:
-                    records[key] = dict(rec, _where=where)
-                    order.append(key)
-                instances.setdefault(key, {})[length] = paths
+        for number, where, rec in iter_jsonl(path):
+            if isinstance(rec, json.JSONDecodeError):
+                out.dropped.append(Dropped(name, where, "bad_record", f"not valid JSON ({rec.msg})"))
+                continue
+            missing = [k for k in MMLB_FIELDS if k not in rec] if isinstance(rec, dict) else list(MMLB_FIELDS)
+            if missing or not isinstance(rec.get("page_list"), list):
+                out.dropped.append(Dropped(name, where, "bad_record",
+                                           f"missing or invalid field(s) {missing or ['page_list']}"))
+                continue
+            key = str(rec.get("id") or hashlib.sha256(
+                f"{rec.get('doc_name')}|{rec['question']}".encode()).hexdigest()[:16])
+            if key in instances and length in instances[key]:
+                out.dropped.append(Dropped(name, where, "duplicate_id", f"id {key} appears twice in {path}"))
+                continue
+            paths = []
+            for rel in rec["page_list"]:
+                full = rel if os.path.isabs(rel) else os.path.join(image_root, rel)
+                if not os.path.isfile(full):
+                    out.dropped.append(Dropped(name, where, "missing_image", f"{full} does not exist"))
+                    bad_keys.add(key)
+                    break
+                paths.append(os.path.abspath(full))
+                folder, page = _doc_of_path(full), page_number_from_path(full)
+                if page is not None:
+                    all_pages.setdefault(folder, {}).setdefault(page, os.path.abspath(full))
+            if key not in records:
+                records[key] = dict(rec, _where=where)
+                order.append(key)
+            instances.setdefault(key, {})[length] = paths
     missing = [d for d in out.dropped if d.reason == "missing_image"]
     if missing and len(missing) == len(bad_keys) == len(records):
         raise DataError(f"none of the page images of {name} were found under {image_root} (e.g. "
