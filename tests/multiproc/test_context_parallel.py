@@ -4,28 +4,18 @@ of uneven lengths, images straddling chunk borders and a document shorter than 2
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO, random_hf_model
+from tests.conftest import random_hf_model
+from tests.multiproc.launch import torchrun
 
 pytestmark = pytest.mark.multiproc
-WORKER = os.path.join(REPO, "tests", "multiproc", "cp_worker.py")
 LAYOUTS = [(1, 2), (1, 4), (2, 2)]  # (TP, CP)
 
 
 def _run(tp: int, cp: int, meg_dir: str, out: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * cp),
-           "--master_port", str(29600 + tp * 17 + cp * 5 + os.getpid() % 500), WORKER,
-           "--meg-dir", meg_dir, "--out", out, "--tp", str(tp), "--cp", str(cp)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return torchrun("cp_worker.py", tp * cp, ["--meg-dir", meg_dir, "--tp", str(tp), "--cp", str(cp)], out)
 
 
 @pytest.fixture(scope="module")

@@ -7,27 +7,17 @@ distributed checkpoint reshards on load.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO, random_hf_model
+from tests.conftest import random_hf_model
+from tests.multiproc.launch import torchrun
 
 pytestmark = pytest.mark.multiproc
-WORKER = os.path.join(REPO, "tests", "multiproc", "tp_worker.py")
 
 
 def _run(tp: int, meg_dir: str, out: str) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
-           "--master_port", str(29500 + tp * 7 + os.getpid() % 1000), WORKER,
-           "--meg-dir", meg_dir, "--out", out, "--tp", str(tp)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return torchrun("tp_worker.py", tp, ["--meg-dir", meg_dir, "--tp", str(tp)], out, timeout=300)
 
 
 @pytest.fixture(scope="module")

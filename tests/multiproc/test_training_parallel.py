@@ -4,28 +4,17 @@ after three optimizer steps)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.multiproc.launch import torchrun
 
 pytestmark = pytest.mark.multiproc
-WORKER = os.path.join(REPO, "tests", "multiproc", "train_worker.py")
 
 
 def _run(tmp_path, procs: int, tp: int, cp: int) -> dict:
-    out = tmp_path / f"p{procs}_tp{tp}_cp{cp}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-           "--master_port", str(29700 + procs * 13 + tp * 7 + cp * 3 + os.getpid() % 400), WORKER,
-           "--run-dir", str(tmp_path / f"run_{procs}_{tp}_{cp}"), "--out", str(out), "--cp", str(cp), "--tp", str(tp)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    args = ["--run-dir", str(tmp_path / f"run_{procs}_{tp}_{cp}"), "--cp", str(cp), "--tp", str(tp)]
+    return torchrun("train_worker.py", procs, args, str(tmp_path / f"p{procs}_tp{tp}_cp{cp}.pt"))
 
 
 @pytest.fixture(scope="module")
