@@ -30,6 +30,7 @@ from megatron_vlm.data.indexed import (IndexedWriter, SampleRecord, is_complete,
 from megatron_vlm.data.samples import Sample, SampleError
 from megatron_vlm.data.tokenization import SampleTokenizer, TokenizationError, sample_image_sizes, truncate
 from megatron_vlm.datagen.storage import atomic_write_json
+from megatron_vlm.datagen.inputs import sha256_file
 
 OVERLONG_POLICIES = ("drop", "truncate")
 
@@ -95,12 +96,6 @@ def shard_chunks(num_chunks: int, shard: int, num_shards: int) -> range:
 
 
 # ---------------------------------------------------------------------------- fingerprint
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def run_fingerprint(config: PreprocessConfig, tokenizer: SampleTokenizer) -> dict:
@@ -110,7 +105,7 @@ def run_fingerprint(config: PreprocessConfig, tokenizer: SampleTokenizer) -> dic
     return {
         "inputs": [{"name": os.path.basename(p), "bytes": os.path.getsize(p)} for p in config.inputs],
         "input_mtimes": [os.stat(p).st_mtime_ns for p in config.inputs],
-        "tokenizer_json_sha256": _file_sha256(tok_json) if tok_json and os.path.isfile(tok_json) else "built-in",
+        "tokenizer_json_sha256": sha256_file(tok_json) if tok_json and os.path.isfile(tok_json) else "built-in",
         "chat_template_sha256": hashlib.sha256(tokenizer.template.encode()).hexdigest(),
         "chat_template_source": tokenizer.template_source,
         "max_seq_len": config.max_seq_len, "overlong": config.overlong, "chunk_size": config.chunk_size,

@@ -43,6 +43,7 @@ from megatron_vlm.datagen.prompts import (
 )
 from megatron_vlm.datagen.records import DocRecord
 from megatron_vlm.datagen.storage import atomic_write_json
+from megatron_vlm.datagen.inputs import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,6 @@ def _data_url(path: str, max_pixels: Optional[int]) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class OpenAITeacher:
     """QA pairs from an OpenAI-compatible chat endpoint (see the module docstring)."""
 
@@ -349,7 +342,7 @@ class OpenAITeacher:
 
     async def generate(self, request: TeacherRequest) -> TeacherResult:
         paths = request.page_paths()
-        digests = await asyncio.to_thread(lambda: [_file_digest(p) for p in paths])
+        digests = await asyncio.to_thread(lambda: [sha256_file(p) for p in paths])
         rng = random.Random(request.seed)
         exemplars = choose_exemplars(request.task, self.config.exemplars, rng)
         keyed = build_messages(request.task, request.first_page, request.last_page, request.section_titles,
