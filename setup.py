@@ -1,12 +1,13 @@
 """megatron-vlm: long-context vision-language training (Qwen2.5-VL) on Megatron-Core.
 
-The CUDA extension in csrc/ is optional. It is built only when torch with CUDA is importable in the
-build environment (``pip install -e . --no-build-isolation`` on a GPU machine) and
-``MEGATRON_VLM_SKIP_CUDA_EXT`` is not set; a CPU install never needs nvcc. Without it, the
-pure-PyTorch (and Triton, where present) paths are used.
+The CUDA extension in csrc/ is optional. It is built only when torch with CUDA and nvcc are present
+in the build environment (``pip install -e . --no-build-isolation`` on a GPU machine, or with
+TORCH_CUDA_ARCH_LIST set) and ``MEGATRON_VLM_SKIP_CUDA_EXT`` is not set; a CPU install never needs
+nvcc, and a skipped build says why on stderr. Without it, the pure-PyTorch (and Triton, where
+present) paths are used. Flags and the decision: megatron_vlm/kernels/cuda_build.py.
 """
 
-import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
@@ -14,31 +15,16 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cuda_extensions():
-    if os.environ.get("MEGATRON_VLM_SKIP_CUDA_EXT", "0") not in ("", "0"):
-        return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
-                     + glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    if not sources:
-        return [], {}
-    try:  # torch is only importable here without build isolation
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
-    except ImportError:
-        return [], {}
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        return [], {}
-    if CUDA_HOME is None:
-        return [], {}
-    ext = CUDAExtension(
-        name="megatron_vlm._C",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-    )
-    return [ext], {"build_ext": BuildExtension}
+def _cuda_build():
+    """megatron_vlm/kernels/cuda_build.py, loaded by path: the package itself is not importable yet."""
+    spec = importlib.util.spec_from_file_location(
+        "_megatron_vlm_cuda_build", os.path.join(HERE, "megatron_vlm", "kernels", "cuda_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-ext_modules, cmdclass = cuda_extensions()
+ext_modules, cmdclass = _cuda_build().cuda_extensions(HERE)
 
 setup(
     name="megatron-vlm",
