@@ -16,7 +16,10 @@ ROW=${ROW:-2048}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"   # the CPU build; never a CUDA one here
 fi
-"$PY" -m pip install -q -e ".[dev]"
+# --no-build-isolation: the build sees the torch installed above (pyproject.toml says why); setup.py
+# compiles the CUDA extension where that torch has CUDA and nvcc exists, and skips it here otherwise.
+"$PY" -m pip install -q "setuptools>=64" wheel
+"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
 export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 step() { printf '\n== %s\n' "$*"; }
 

@@ -9,7 +9,10 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[dev]"
+# --no-build-isolation: the build sees the torch installed above (pyproject.toml says why); setup.py
+# compiles the CUDA extension where that torch has CUDA and nvcc exists, and skips it here otherwise.
+"$PY" -m pip install -q "setuptools>=64" wheel
+"$PY" -m pip install -q --no-build-isolation -e ".[dev]"
 # Tesseract for the document pool's OCR of scanned pages (its tests skip without it). Best effort:
 # needs root and apt-get; elsewhere the suite runs without it.
 if ! command -v tesseract >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
