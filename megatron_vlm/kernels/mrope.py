@@ -15,6 +15,7 @@ the tokens and the result is the same.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -75,7 +76,9 @@ def apply_mrope(
 BACKENDS = ("cuda", "triton", "reference")
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_extension():
+    """The compiled extension, or None; imported once (a failed import is remembered too)."""
     try:
         from megatron_vlm import _C  # built by setup.py where CUDA exists
     except ImportError:

@@ -101,9 +101,15 @@ def varlen_attention(
     return _sdpa_per_document(q, k, v, cu_seqlens, causal, scale)
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_names(fn) -> frozenset:
+    """Keyword names ``fn`` accepts: read once per function, not per attention call."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, causal, scale):
     fn = _torch_varlen_func()
-    params = inspect.signature(fn).parameters
+    params = _parameter_names(fn)
     kwargs = {"scale": scale}
     if "is_causal" in params:  # torch <= 2.11 spelling
         kwargs["is_causal"] = causal

@@ -168,3 +168,30 @@ def test_bad_shapes_are_value_errors():
         varlen_attention(q, k, v, torch.tensor([1, 3, 7], dtype=torch.int32), 4, True)
     with pytest.raises(ValueError):
         varlen_attention(q[None], k[None], v[None], _cu([3, 4]), 4, True)
+
+
+def test_torch_varlen_reads_the_signature_once(monkeypatch):
+    """The keyword spelling of torch's varlen_attn (is_causal vs window_size, enable_gqa) is looked
+    up once per function, not on every attention call of every layer."""
+    import inspect
+
+    from megatron_vlm.models import attention
+
+    calls = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append({"scale": scale, "window_size": window_size, "enable_gqa": enable_gqa})
+        return q
+
+    looked_up = []
+    real_signature = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda fn, *a, **k: looked_up.append(fn) or real_signature(fn, *a, **k))
+    monkeypatch.setattr(attention, "_torch_varlen_func", lambda: fake_varlen)
+    q, k = torch.randn(6, 4, 8), torch.randn(6, 2, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    for _ in range(3):
+        attention._torch_varlen(q, k, k, cu, 4, True, 0.5)
+    attention._torch_varlen(q, k, k, cu, 4, False, 0.5)
+    assert [fn for fn in looked_up if fn is fake_varlen] == [fake_varlen]
+    assert calls[0] == {"scale": 0.5, "window_size": (-1, 0), "enable_gqa": True}
+    assert calls[-1]["window_size"] == (-1, -1)

@@ -92,3 +92,23 @@ def test_dispatch_errors_and_cpu_default():
         mrope.select_mrope_backend(x, "cuda")
     with pytest.raises(ValueError, match="unknown mRoPE backend"):
         mrope.select_mrope_backend(x, "magic")
+
+
+def test_missing_cuda_extension_is_looked_up_once(monkeypatch):
+    """Without megatron_vlm._C, the failed import is remembered: mRoPE is applied twice per layer,
+    and every failed import walks sys.path again."""
+    import builtins
+
+    getattr(mrope._cuda_extension, "cache_clear", lambda: None)()
+    attempts = []
+    real_import = builtins.__import__
+
+    def counting_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "megatron_vlm" and fromlist and "_C" in fromlist:
+            attempts.append(name)
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", counting_import)
+    for _ in range(4):
+        assert mrope._cuda_extension() is None
+    assert len(attempts) <= 1, attempts
