@@ -18,11 +18,15 @@ def _mrope_rotate_kernel(x_ptr, out_ptr, pos_ptr, inv_freq_ptr,
                          num_tokens, num_heads, stride_xt, stride_xh, stride_ot, stride_oh, pos_stride,
                          HALF: tl.constexpr, SECTION_T: tl.constexpr, SECTION_H: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, SIGN: tl.constexpr):
-    token = tl.program_id(0)
-    head_block = tl.program_id(1)
+    # All offset arithmetic in int64: program ids and strides arrive as int32, and token x stride
+    # passes 2**31 elements at ~256K tokens of a 64-head tensor (tests/unit/test_mrope_fused.py).
+    # Every product below has an int64 factor (token, heads, axis), so strides need no cast (and
+    # a stride of 1 arrives as a constexpr, which has no .to()).
+    token = tl.program_id(0).to(tl.int64)
+    head_block = tl.program_id(1).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     d_mask = d < HALF
-    axis = tl.where(d < SECTION_T, 0, tl.where(d < SECTION_T + SECTION_H, 1, 2))
+    axis = tl.where(d < SECTION_T, 0, tl.where(d < SECTION_T + SECTION_H, 1, 2)).to(tl.int64)
     position = tl.load(pos_ptr + axis * pos_stride + token, mask=d_mask, other=0).to(tl.float32)
     freq = tl.load(inv_freq_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
     angle = position * freq

@@ -112,3 +112,44 @@ def test_missing_cuda_extension_is_looked_up_once(monkeypatch):
     for _ in range(4):
         assert mrope._cuda_extension() is None
     assert len(attempts) <= 1, attempts
+
+
+def test_triton_offsets_are_64_bit(interpreted):
+    """Token offsets past 2**31 elements (128K tokens x 28 heads x 128 already reach 2**31 / 4; 256K
+    tokens of a 64-head q overflow) must not wrap around in int32.
+
+    Honest and small: a [3, 1, 128] fp16 view whose token stride S = 2**30 + 2**20 still fits in
+    int32 (so Triton passes it as i32, as it does for real strides), but 2 * S does not. The view
+    lives in an 8 GiB *reserved, never committed* anonymous mapping (MAP_NORESERVE), so only the
+    touched pages cost memory. The interpreter computes offsets with numpy, exactly as typed: int32
+    program ids times an int32 stride wrap, and the wrapped address (2**32 elements lower) is still
+    inside the mapping, so an int32 kernel reads zeros for token 2 and writes its output to the
+    wrong place instead of crashing. Both the load (x) and the store (out) side are strided."""
+    import mmap
+    import sys
+
+    import megatron_vlm.kernels.mrope_triton as mrope_triton
+
+    # Python < 3.13 does not export MAP_NORESERVE; 0x4000 on Linux x86-64 and arm64.
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else None)
+    if noreserve is None or sys.maxsize < 2**40:
+        pytest.skip("needs a 64-bit Linux mmap with MAP_NORESERVE")
+    stride, base = 2**30 + 2**20, 2**31
+    size = base + 2 * stride + 512  # elements
+    mapping = mmap.mmap(-1, 2 * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | noreserve)
+    try:
+        storage = torch.frombuffer(mapping, dtype=torch.float16)
+        x = storage.as_strided((3, 1, 128), (stride, 128, 1), base)
+        out = storage.as_strided((3, 1, 128), (stride, 128, 1), base + 256)
+        values = torch.randn(3, 1, 128, generator=torch.Generator().manual_seed(0)).half()
+        x.copy_(values)
+        pos = torch.tensor([[7, 70000, 262143]] * 3)
+        inv = mrope.inverse_frequencies(128, 1e6)
+        expected = mrope.apply_mrope_fused(values, pos, inv, SECTION, backend="reference")
+        fused = mrope.apply_mrope_fused(x, pos, inv, SECTION, backend="triton")  # strided x, fresh out
+        torch.testing.assert_close(fused, expected, rtol=0, atol=4e-3)
+        mrope_triton.rotate(x, pos, inv, SECTION, out)  # strided x and out
+        torch.testing.assert_close(out.clone(), expected, rtol=0, atol=4e-3)
+    finally:
+        del storage, x, out
+        mapping.close()
