@@ -77,3 +77,85 @@ def pack(samples: Sequence[Sample]) -> tuple[Sample, torch.Tensor]:
     row = Sample(torch.cat([s.input_ids for s in samples]),
                  torch.cat(pix) if pix else None, torch.cat(grids) if grids else None)
     return row, cu
+
+
+# ------------------------------------------------------------------ a test double for NCCL
+class WrongDeviceCollective(RuntimeError):
+    """A collective was given a tensor that is not on the training device (NCCL would refuse it)."""
+
+
+_TENSOR_COLLECTIVES = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_single",
+                       "all_gather_into_tensor", "_all_gather_base", "all_gather_coalesced", "reduce_scatter",
+                       "reduce_scatter_single", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
+                       "all_to_all_single",
+                       "broadcast", "reduce", "gather", "scatter", "send", "recv", "isend", "irecv")
+_OBJECT_COLLECTIVES = ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list",
+                       "barrier", "monitored_barrier")
+
+
+def _tensors_in(values) -> list:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(_tensors_in(value))
+    return found
+
+
+class device_restricted_collectives:
+    """Within this context, every ``torch.distributed`` tensor collective refuses tensors that are
+    not on ``device_type``, as NCCL refuses CPU tensors ("No backend type associated with device
+    type cpu"). Object collectives (which pick their own device) and barriers are exempt.
+
+    Lets a gloo run (which carries CPU and CUDA tensors alike) fail where an NCCL run would:
+    ``with device_restricted_collectives("cuda"): trainer.train()``. Records every call in
+    ``self.calls`` as (name, device types)."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+        self._saved: dict = {}
+        self._exempt_depth = 0
+
+    def _checked(self, name, original):
+        def wrapper(*args, **kwargs):
+            tensors = _tensors_in(list(args) + list(kwargs.values()))
+            if self._exempt_depth == 0:
+                self.calls.append((name, tuple(t.device.type for t in tensors)))
+                wrong = [t for t in tensors if t.device.type != self.device_type]
+                if wrong:
+                    raise WrongDeviceCollective(
+                        f"torch.distributed.{name} got a tensor on {wrong[0].device} but the process group only "
+                        f"carries {self.device_type} tensors (NCCL: 'No backend type associated with device "
+                        f"type {wrong[0].device.type}'): create it on the training device")
+            return original(*args, **kwargs)
+        return wrapper
+
+    def _exempt(self, original):
+        def wrapper(*args, **kwargs):
+            self._exempt_depth += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._exempt_depth -= 1
+        return wrapper
+
+    def __enter__(self) -> "device_restricted_collectives":
+        import torch.distributed as dist
+
+        for name in _TENSOR_COLLECTIVES + _OBJECT_COLLECTIVES:
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+            wrapped = self._checked(name, original) if name in _TENSOR_COLLECTIVES else self._exempt(original)
+            setattr(dist, name, wrapped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+        self._saved.clear()

@@ -7,7 +7,9 @@ Layout of a model directory (what ``convert.py hf-to-megatron`` writes, what tra
 
     DIR/config.json        the HF-style Qwen2.5-VL config (rope_theta included): the model's identity
     DIR/megatron_vlm.json  format version, dtype, source checkpoint
-    DIR/model/             megatron-core dist checkpoint (metadata.json + .distcp shards)
+    DIR/model/             megatron-core dist checkpoint (metadata.json + .distcp shards), or, in a
+                           training checkpoint (megatron_vlm.json "weights_format": "dcp-tp-fsdp"),
+                           torch DCP shards of model + optimizer (see checkpoint/sharded.py)
     DIR/hf_assets/         tokenizer / processor / chat-template files carried from the HF source
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 
+from megatron_vlm.checkpoint import sharded
 from megatron_vlm.parallel.setup import install_cpu_shims
 
 FORMAT_VERSION = 1
@@ -40,15 +43,19 @@ def save_model_weights(model: torch.nn.Module, directory: str) -> None:
 
 def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     """Collective: fill ``model`` (any TP size) from a checkpoint written at any TP size."""
-    install_cpu_shims()
     target = os.path.join(directory, MODEL_SUBDIR)
+    meta_path = os.path.join(directory, META_FILE)
+    if os.path.isfile(meta_path) and read_meta(directory).get("weights_format") == sharded.FORMAT:
+        # a training checkpoint (torch DCP, FSDP x TP shards): its model part, at this layout
+        device = next(model.parameters()).device
+        sharded.load(target, model, device_type=device.type)
+        return
+    install_cpu_shims()
     if not os.path.isfile(os.path.join(target, "metadata.json")):
         raise FileNotFoundError(f"{target} is not a Megatron distributed checkpoint (no metadata.json); "
                                 "create one with: python tools/checkpoint/convert.py hf-to-megatron")
     template = model.sharded_state_dict()
     state = dist_checkpointing.load(template, target)
-    # A training checkpoint also holds the optimizer; its non-tensor part comes back with the
-    # common state. Keep the model's own entries (all of which must be present: strict).
     state = {key: value for key, value in state.items() if key in template}
     model.load_state_dict(state, strict=True)
 

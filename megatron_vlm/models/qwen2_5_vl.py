@@ -90,8 +90,8 @@ class Qwen25VLModel(MegatronModule):
         if pixel_values is not None:
             embeddings = scatter_image_embeddings(embeddings, input_ids, image_embeddings,
                                                   self.model_config.image_token_id)
-        elif self.training:
-            embeddings = embeddings + self._vision_in_graph()
+        elif self.training and torch.is_grad_enabled():
+            embeddings = embeddings + self._vision_in_graph(input_ids.device).to(embeddings.dtype)
         if plan is not None and plan.cp_size > 1:
             # The whole row was embedded (images scattered in) first; now keep this CP rank's tokens.
             local = plan.local_index.to(embeddings.device)
@@ -110,22 +110,37 @@ class Qwen25VLModel(MegatronModule):
         return loss.transpose(0, 1)
 
 
-    def _vision_in_graph(self) -> torch.Tensor:
-        """Zero that depends on every vision parameter: a micro-batch (or CP rank) without images
-        still puts the tower in the graph, so gradient reduction sees the same parameters on
-        every rank (pitfall: data-parallel reduction otherwise hangs or skips them)."""
-        params = [p for p in self.vision.parameters() if p.requires_grad]
-        return 0.0 * sum(p.sum() for p in params) if params else torch.zeros(())
+    def _vision_in_graph(self, device: torch.device) -> torch.Tensor:
+        """A zero that ran through the whole vision tower (one minimal 2x2-patch image).
+
+        A micro-batch (or CP rank) without images still runs every vision module, so every rank
+        issues the same collectives (FSDP gathers the tower's shards on all ranks at once, and
+        reduces every gradient; skipping the tower on one rank would hang the others) and the
+        result has the tower's own dtype, like real image embeddings."""
+        merge = self.model_config.vision.spatial_merge_size
+        grid = torch.tensor([[1, merge, merge]], device=device)
+        pixels = torch.zeros(merge * merge, self.model_config.vision.patch_dim, device=grid.device)
+        return 0.0 * self.vision(pixels, grid).sum()
 
     def _encode_images_over_cp(self, pixel_values, image_grid_thw, plan) -> torch.Tensor:
+        """Each CP rank encodes its share of the row's images, then all ranks share the result.
+
+        ``pixel_values`` holds either this rank's patches only (what the trainer passes: a rank
+        receives only the pixels it encodes) or the whole row's (sliced here)."""
         if not plan.image_splits:
             raise ValueError("the context-parallel plan has no image split: build it with image_grid_thw")
         (first, last), (start, end) = plan.image_splits[plan.cp_rank], plan.patch_splits[plan.cp_rank]
+        total = plan.patch_splits[-1][1]
+        if pixel_values.shape[0] == total:
+            pixel_values = pixel_values[start:end]
+        elif pixel_values.shape[0] != end - start:
+            raise ValueError(f"CP rank {plan.cp_rank} got {pixel_values.shape[0]} pixel rows; it encodes patches "
+                             f"[{start}, {end}) of the row's {total}: pass those, or the whole row's")
         if last > first:
-            local = self.vision(pixel_values[start:end], image_grid_thw[first:last])
-        else:
-            hidden = self.model_config.vision.out_hidden_size
-            local = pixel_values.new_zeros(0, hidden) + self._vision_in_graph().to(pixel_values.dtype)
+            local = self.vision(pixel_values, image_grid_thw[first:last])
+        else:  # no image for this rank: still run the tower (same collectives, same dtype)
+            zero = self._vision_in_graph(pixel_values.device)
+            local = zero.new_zeros(0, self.model_config.vision.out_hidden_size) + zero
         return gather_image_embeddings(local, plan)
 
 

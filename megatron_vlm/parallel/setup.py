@@ -37,9 +37,11 @@ def initialize_parallel(tensor_parallel: int = 1, context_parallel: int = 1, bac
     """Initialise torch.distributed (if needed) and Megatron's model-parallel groups."""
     on_gpu = torch.cuda.is_available()
     if not dist.is_initialized():
-        backend = backend or ("nccl" if on_gpu else "gloo")
+        # On GPUs, NCCL for CUDA tensors and gloo for anything on the host (object collectives,
+        # checkpoint planning). MVLM_DIST_BACKEND overrides (e.g. gloo: several ranks on one GPU).
+        backend = backend or os.environ.get("MVLM_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if on_gpu else "gloo")
         if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         if "RANK" in os.environ:  # launched by torchrun / srun
             dist.init_process_group(backend=backend)
         else:  # a plain process: a world of one. The environment is left alone, so child

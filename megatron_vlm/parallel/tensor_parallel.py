@@ -21,9 +21,14 @@ def _all_gather(tensor: torch.Tensor, dim: int) -> list[torch.Tensor]:
 
 def full_tensor(name: str, param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (the parameter itself or its gradient) in the TP=1 layout. Collective over TP."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not getattr(param, "tensor_model_parallel", False):
+    return gather_tensor_parallel(name, tensor, bool(getattr(param, "tensor_model_parallel", False)),
+                                  getattr(param, "partition_dim", 0))
+
+
+def gather_tensor_parallel(name: str, tensor: torch.Tensor, sharded: bool, dim: int) -> torch.Tensor:
+    """A TP-local tensor in the TP=1 layout (``sharded`` along ``dim``). Collective over TP."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1 or not sharded:
         return tensor
-    dim = param.partition_dim
     parts = _all_gather(tensor, dim)
     if name.endswith("mlp.linear_fc1.weight"):
         halves = [p.chunk(2, dim=0) for p in parts]

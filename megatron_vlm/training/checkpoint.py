@@ -1,15 +1,15 @@
-"""Training checkpoints: model + optimizer in one Megatron distributed checkpoint, plus the step,
-data position and RNG states, so a resumed run continues bit-for-bit.
+"""Training checkpoints: model + optimizer moments in one torch distributed checkpoint (each rank
+writes its FSDP x TP shards; see ``checkpoint/sharded.py``), plus the step, data position and RNG
+states, so a resumed run continues bit-for-bit, at the same or another parallel layout.
 
     CKPT/iter_0000100/config.json, megatron_vlm.json, hf_assets/   a model directory (convert.py reads it)
-    CKPT/iter_0000100/model/                                       dist checkpoint: model + optimizer shards
+    CKPT/iter_0000100/model/                                       DCP shards: model + optimizer moments
     CKPT/iter_0000100/trainer_state.json                           step, consumed rows, schedule, config
     CKPT/iter_0000100/rng/rank_00000.pt                            per-rank RNG states (tensors only)
     CKPT/latest                                                    name of the newest complete iteration
 
-Optimizer moments are stored with the sharding of their parameters (Megatron's
-``optim_state_to_sharding_state``), so they reshard with the model. A checkpoint is written under
-``iter_N.tmp`` and renamed when complete; ``latest`` is replaced atomically after that.
+A checkpoint is written under ``iter_N.tmp`` and renamed when complete; ``latest`` is replaced
+atomically after that; a ``.tmp`` left by a killed save is removed by the next run.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                        optim_state_to_sharding_state)
 
 from megatron_vlm.checkpoint import dist as model_dir
-from megatron_vlm.parallel.setup import install_cpu_shims
+from megatron_vlm.checkpoint import sharded
+from megatron_vlm.parallel.param_layout import ParamLayout
 
 LATEST = "latest"
 
@@ -52,32 +50,21 @@ def latest_checkpoint(root: Optional[str]) -> Optional[str]:
     return path
 
 
-def _init_adam_state(optimizer: torch.optim.Optimizer) -> None:
-    """Give every trainable parameter its (zero) moments, so a fresh optimizer has the structure a
-    checkpoint is loaded into."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _sharded_state(model: torch.nn.Module, optimizer, is_loading: bool = False) -> tuple[dict, int]:
-    if hasattr(optimizer, "sharded_state_dict"):  # Megatron's (distributed) optimizer, on GPU
-        model_sd = model.sharded_state_dict()
-        return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}, 0
-    _init_adam_state(optimizer)
-    model_sd = model.sharded_state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    id_map = get_param_id_to_sharded_param_map(model_sd, params)
-    optim_sd = optimizer.state_dict()
-    steps = {int(s["step"]) for s in optim_sd["state"].values()}
+def _optimizer_step(optimizer: torch.optim.Optimizer) -> int:
+    steps = {int(state["step"]) for state in optimizer.state.values() if "step" in state}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer parameters are at different steps {sorted(steps)}")
-    optim_state_to_sharding_state(optim_sd, id_map, exclude_keys=("step",))
-    return {"model": model_sd, "optimizer": optim_sd}, (steps.pop() if steps else 0)
+    return steps.pop() if steps else 0
+
+
+def remove_unfinished(root: Optional[str]) -> list[str]:
+    """Delete ``iter_N.tmp`` directories a killed save left behind (rank 0 only); returns them."""
+    if not root or not os.path.isdir(root) or dist.get_rank() != 0:
+        return []
+    leftovers = [os.path.join(root, d) for d in os.listdir(root) if d.startswith("iter_") and d.endswith(".tmp")]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def _rng_state() -> dict[str, Any]:
@@ -101,10 +88,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], model_config: dict[str, Any], keep_last: int,
-                    hf_assets: Optional[str] = None) -> str:
+                    layouts: dict[str, ParamLayout], trainer_state: dict[str, Any], model_config: dict[str, Any],
+                    keep_last: int, hf_assets: Optional[str] = None, device_type: str = "cpu",
+                    dtype: str = "fp32") -> str:
     """Collective over all ranks. Returns the iteration directory."""
-    install_cpu_shims()
     rank = dist.get_rank()
     final = iteration_dir(root, step)
     tmp = final + ".tmp"
@@ -113,17 +100,16 @@ def save_checkpoint(root: str, step: int, model: torch.nn.Module, optimizer: tor
         os.makedirs(os.path.join(tmp, model_dir.MODEL_SUBDIR), exist_ok=True)
         os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     dist.barrier()
-    sharded, optimizer_step = _sharded_state(model, optimizer)
-    dist_checkpointing.save(sharded, os.path.join(tmp, model_dir.MODEL_SUBDIR))
+    optimizer_step = _optimizer_step(optimizer)
+    sharded.save(os.path.join(tmp, model_dir.MODEL_SUBDIR), model, layouts, optimizer, device_type)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     dist.barrier()
     if rank == 0:
         state = {**trainer_state, "step": step, "optimizer_step": optimizer_step}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(model_config, f, indent=2)
-        dtype = next(model.parameters()).dtype
-        model_dir.write_meta(tmp, {"dtype": {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp32"),
-                                   "source": "training", "step": step})
+        model_dir.write_meta(tmp, {"dtype": dtype, "source": "training", "step": step,
+                                   "weights_format": sharded.FORMAT})
         if hf_assets and os.path.isdir(hf_assets):
             shutil.copytree(hf_assets, os.path.join(tmp, "hf_assets"), dirs_exist_ok=True)
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
@@ -147,22 +133,17 @@ def _prune(root: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
-    """Collective. Restores model, optimizer (if given) and this rank's RNG; returns trainer state."""
-    install_cpu_shims()
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    layouts: dict[str, ParamLayout], device_type: str = "cpu") -> dict[str, Any]:
+    """Collective. Restores model, optimizer and this rank's RNG; returns the trainer state."""
     with open(os.path.join(path, "trainer_state.json")) as f:
         state = json.load(f)
-    if optimizer is None:
-        model_dir.load_model_weights(model, path)
-        return state
-    template, _ = _sharded_state(model, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(template, os.path.join(path, model_dir.MODEL_SUBDIR))
-    model.load_state_dict(loaded["model"], strict=True)
-    optim_sd = loaded["optimizer"]
-    if not hasattr(optimizer, "sharded_state_dict"):  # torch AdamW: its shared step counter
-        for param_state in optim_sd["state"].values():
-            param_state["step"] = torch.tensor(float(state["optimizer_step"]))
-    optimizer.load_state_dict(optim_sd)
+    if model_dir.read_meta(path).get("weights_format") != sharded.FORMAT:
+        raise ValueError(f"{path} is not a training checkpoint of this version (weights_format "
+                         f"{sharded.FORMAT!r}); start from it with model.load={path} and checkpoint.resume=false")
+    sharded.load(os.path.join(path, model_dir.MODEL_SUBDIR), model, layouts, optimizer, device_type)
+    for param_state in optimizer.state.values():  # torch AdamW: its per-parameter step counter
+        param_state["step"] = torch.tensor(float(state["optimizer_step"]))
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank():05d}.pt")
     if os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -7,7 +7,8 @@ from megatron_vlm.training.config import TrainConfig
 from megatron_vlm.training.synthetic import SyntheticSource
 
 
-def build_source(cfg: TrainConfig, model_config: Qwen25VLConfig, dp_rank: int, dp_size: int, cp_size: int):
+def build_source(cfg: TrainConfig, model_config: Qwen25VLConfig, dp_rank: int, dp_size: int, cp_size: int,
+                 pin_memory: bool = False):
     """An object with ``next_rows(count)``, ``state_dict()`` and ``load_state_dict(state)``.
 
     ``data.prefix`` may list several prefixes as ``PREFIX[:WEIGHT],...`` (a weighted blend); rows
@@ -26,4 +27,5 @@ def build_source(cfg: TrainConfig, model_config: Qwen25VLConfig, dp_rank: int, d
                             cp_size=cp_size, tp_size=cfg.parallel.tensor_parallel,
                             pixels="levels" if cfg.data.num_workers else "float32")
     return build_loader(dataset, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.data.seed,
-                        num_workers=cfg.data.num_workers, num_epochs=None)
+                        num_workers=cfg.data.num_workers, num_epochs=None,
+                        pin_memory=pin_memory)

@@ -1,9 +1,12 @@
-"""The training loop on CPU: schedule, overrides, global-batch loss normalisation, exact resume,
-SIGTERM save, and the loss falling on the tiny recipe."""
+"""The training loop (the one path: FSDP2 + Megatron TP, here a world of one): schedule, overrides,
+global-batch loss normalisation, exact resume, stop signals, freezing, weight decay groups, dtypes,
+and the loss falling on the tiny recipe. Multi-process equivalence: tests/multiproc/test_one_path.py."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -51,19 +54,25 @@ def test_overrides_are_typed_and_checked():
 
 def test_loss_is_normalised_over_the_global_batch(tmp_path, megatron_world):
     """Two rows with different numbers of supervised tokens: the step's gradient is that of the mean
-    over all supervised tokens (not the mean of per-row means)."""
+    over all supervised tokens (not the mean of per-row means), computed on a plain model with the
+    same initial weights (no FSDP, plain autograd)."""
+    from megatron_vlm.models.qwen2_5_vl import Qwen25VLModel, packed_seq_params
+    from megatron_vlm.training.sharding import full_state
     from megatron_vlm.training.synthetic import synthetic_row
     from megatron_vlm.training.trainer import Trainer
 
-    trainer = Trainer(_cfg(tmp_path, **{"optim.clip_grad": 0.0, "optim.lr": 0.0, "optim.min_lr": 0.0}))
+    cfg = _cfg(tmp_path, **{"optim.clip_grad": 0.0, "optim.lr": 0.0, "optim.min_lr": 0.0})
+    trainer = Trainer(cfg)
+    torch.manual_seed(cfg.seed)  # the trainer's own construction order: same initial weights
+    model = Qwen25VLModel(trainer.model_config, params_dtype=torch.float32).train()
+    start = full_state(trainer.model, trainer.layouts)
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), start[name]), name
     rows = [synthetic_row(trainer.model_config, 0, 7, 256), synthetic_row(trainer.model_config, 1, 7, 120)]
     assert rows[0].num_loss_tokens != rows[1].num_loss_tokens
     metrics = trainer.train_step(rows)
-    ours = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    ours = full_state(trainer.model, trainer.layouts, grads=True)
 
-    model = trainer.model
-    model.zero_grad(set_to_none=True)
-    from megatron_vlm.models.qwen2_5_vl import packed_seq_params
     logits, targets = [], []
     for row in rows:
         out = model(row.input_ids, row.position_ids, row.pixel_values, row.image_grid_thw,
@@ -74,6 +83,8 @@ def test_loss_is_normalised_over_the_global_batch(tmp_path, megatron_world):
     reference = F.cross_entropy(torch.cat(logits), torch.cat(targets))  # mean over every supervised token
     reference.backward()
     assert metrics["loss"] == pytest.approx(reference.item(), rel=1e-5)
+    norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
     for name, param in model.named_parameters():
         torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-7, msg=name)
 
@@ -103,6 +114,138 @@ def test_sigterm_saves_and_stops(tmp_path, megatron_world):
     assert path is not None and path.endswith("iter_0000001")
 
 
+class _SignalAt:
+    """A row source that sends this process a real signal while serving the given step's rows."""
+
+    def __init__(self, source, step: int, signum: int):
+        self.source, self.step, self.signum, self.served = source, step, signum, 0
+
+    def next_rows(self, count):
+        self.served += 1
+        if self.served == self.step:
+            os.kill(os.getpid(), self.signum)
+        return self.source.next_rows(count)
+
+    def state_dict(self):
+        return self.source.state_dict()
+
+    def load_state_dict(self, state):
+        self.source.load_state_dict(state)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1], ids=["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_a_real_stop_signal_finishes_the_step_saves_and_resumes(tmp_path, megatron_world, signum):
+    from megatron_vlm.training import checkpoint as ckpt
+    from megatron_vlm.training.trainer import Trainer
+
+    lines = []
+    trainer = Trainer(_cfg(tmp_path), log=lines.append)
+    trainer.source = _SignalAt(trainer.source, 2, signum)
+    previous = signal.getsignal(signum)
+    losses = trainer.train()  # no KeyboardInterrupt: Ctrl-C is a stop request like SIGTERM
+    assert len(losses) == 2 and signal.getsignal(signum) == previous
+    assert ckpt.latest_checkpoint(trainer.ckpt_dir).endswith("iter_0000002")
+    assert any("rerun the same command to resume" in line for line in lines)
+    resumed = Trainer(_cfg(tmp_path), log=lambda _: None)
+    assert resumed.step == 2
+
+
+def test_an_unfinished_save_is_removed_on_the_next_start(tmp_path, megatron_world):
+    from megatron_vlm.training.trainer import Trainer
+
+    leftover = tmp_path / "run" / "checkpoints" / "iter_0000007.tmp"
+    (leftover / "model").mkdir(parents=True)
+    lines = []
+    trainer = Trainer(_cfg(tmp_path), log=lines.append)
+    assert not leftover.exists() and trainer.step == 0
+    assert any("iter_0000007.tmp" in line for line in lines)
+
+
+def test_fp16_is_refused_with_a_reason(tmp_path, megatron_world):
+    from megatron_vlm.training.trainer import Trainer
+
+    with pytest.raises(ValueError, match="loss scaling"):
+        Trainer(_cfg(tmp_path, **{"model.dtype": "fp16"}))
+
+
+def test_no_weight_decay_on_biases_and_norms(tmp_path, megatron_world):
+    """With zero gradients an AdamW step only decays: matrices shrink by lr * wd, biases and norm
+    weights stay exactly as they were (Megatron's convention, on the one path)."""
+    from megatron_vlm.training.sharding import full_state
+    from megatron_vlm.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, **{"optim.weight_decay": 0.5}))
+    before = full_state(trainer.model, trainer.layouts)
+    lr = 1e-2
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    for param in trainer.model.parameters():
+        param.grad = torch.zeros_like(param)
+    trainer.optimizer.step()
+    after = full_state(trainer.model, trainer.layouts)
+    for name, value in after.items():
+        if name.endswith(".bias") or before[name].dim() < 2:
+            assert torch.equal(value, before[name]), f"{name} decayed"
+        else:
+            torch.testing.assert_close(value, before[name] * (1 - lr * 0.5), msg=name)
+    assert any(n.endswith("layernorm.weight") for n in after) and any(n.endswith(".bias") for n in after)
+
+
+@pytest.mark.parametrize("flag,prefix", [("freeze_vision", "vision.blocks."), ("freeze_language", "language_model.")])
+def test_freezing_happens_before_sharding_and_holds(tmp_path, megatron_world, flag, prefix):
+    """Frozen parameters get no gradient and no optimizer state, stay bit-identical over steps, and
+    the run reports trainable / frozen counts."""
+    from megatron_vlm.training.sharding import full_state
+    from megatron_vlm.training.trainer import Trainer
+
+    lines = []
+    trainer = Trainer(_cfg(tmp_path, **{f"model.{flag}": "true", "schedule.train_steps": 2}), log=lines.append)
+    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(prefix) or n.startswith("vision.patch_embed") for n in frozen)
+    count = sum(p.numel() for n, p in trainer.model.named_parameters() if not p.requires_grad)
+    assert any(f"{count:,} frozen" in line for line in lines), lines
+    before = full_state(trainer.model, trainer.layouts)
+    trainer.train()
+    after = full_state(trainer.model, trainer.layouts)
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    assert not any(torch.equal(after[n], before[n]) for n, p in trainer.model.named_parameters()
+                   if p.requires_grad and p.dim() >= 2)
+    state_params = {id(p) for p in trainer.optimizer.state}
+    assert not any(id(p) in state_params for p in trainer.model.parameters() if not p.requires_grad)
+
+
+def test_bf16_compute_keeps_fp32_main_weights(tmp_path, megatron_world):
+    from torch.distributed.tensor import DTensor
+
+    from megatron_vlm.training.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, **{"model.dtype": "bf16", "schedule.train_steps": 3}))
+    losses = trainer.train()
+    assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    assert losses[-1] < losses[0]
+
+
+def test_collectives_run_on_the_training_device_only(tmp_path, megatron_world):
+    """The NCCL double refuses a host tensor when the training device is CUDA (the old trainer's
+    token counts, loss sums and stop flag were such tensors); a training run passes every one of
+    its collectives through it. Multi-process runs: tests/multiproc/test_one_path.py."""
+    import torch.distributed as dist
+
+    from megatron_vlm.testing import WrongDeviceCollective, device_restricted_collectives
+    from megatron_vlm.training.trainer import Trainer
+
+    with device_restricted_collectives("cuda"):
+        with pytest.raises(WrongDeviceCollective, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.ones(1))  # what `torch.tensor(...)` without a device gives
+        dist.barrier()  # object collectives and barriers choose their own device: exempt
+    with device_restricted_collectives("cpu") as double:
+        trainer = Trainer(_cfg(tmp_path, **{"schedule.train_steps": 2}))
+        trainer.train()
+    names = {name for name, _ in double.calls}
+    assert {"all_reduce"} <= names and all(devices == ("cpu",) * len(devices) for _, devices in double.calls)
+
+
 def test_loss_falls_on_the_tiny_recipe(tmp_path, megatron_world):
     from megatron_vlm.training.trainer import Trainer
 
@@ -124,5 +267,6 @@ def test_training_checkpoint_is_a_model_directory_for_export(tmp_path, megatron_
     trainer.train()
     megatron_to_hf(ckpt.latest_checkpoint(trainer.ckpt_dir), str(tmp_path / "hf"), log=lambda _: None)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "hf"))
-    ours = dict(trainer.model.named_parameters())
+    from megatron_vlm.training.sharding import full_state
+    ours = full_state(trainer.model, trainer.layouts)
     torch.testing.assert_close(hf.lm_head.weight, ours["language_model.output_layer.weight"], rtol=0, atol=0)
