@@ -1,5 +1,12 @@
 """Per-GPU memory plan for a LongPT step: weights, gradients, optimizer state and activations.
 
+Static terms are what the trainer does (``training/sharding.py``, FSDP2 over DP x CP around TP):
+fp32 main weights, fp32 gradients and the two fp32 AdamW moments, all sharded over DP x CP; in
+flight, the unsharded bf16 weights of the unit that runs and of the one prefetched, and one unit's
+unsharded gradient (bf16, then its fp32 copy for the reduce-scatter). The largest unit is the
+embedding or the output layer (vocab x hidden / TP), else an LM layer; the root unit (patch
+embedding, final norm; with tied embeddings also the embedding) stays gathered for the whole step.
+
 The activation terms count what *our* modules save for backward, tensor by tensor (bf16 training,
 flash-style attention that keeps q, k, v, the output and an fp32 log-sum-exp):
 
@@ -40,8 +47,6 @@ class Workload:
     image_token_share: float = 0.95  # pages are ~95% of a LongPT row (the rest: prompt + answer)
     logit_tokens: Optional[int] = 512  # supervised tokens projected to the vocabulary; None = all
     recompute: bool = True  # full activation recompute, LM layers and ViT blocks
-    fp32_grads: bool = True  # Megatron DDP's fp32 main-grad buffer (False: bf16 grads)
-    shard_weights_and_grads: bool = False  # FSDP / ZeRO-3 over DP x CP (the paper's FSDP 4)
 
 
 def lm_layer_bytes_per_token(lm: LanguageConfig, tp: int) -> float:
@@ -72,6 +77,59 @@ def vision_parameters(vis: VisionConfig, lm_hidden: int) -> float:
     return vis.depth * block + vis.patch_dim * h + merger
 
 
+def fsdp_unit_parameters(cfg: Qwen25VLConfig, tp: int) -> dict[str, float]:
+    """Parameters (per TP rank) of each kind of FSDP unit ``training/sharding.shard_units`` makes."""
+    lm, vis = cfg.language, cfg.vision
+    h, f, kv = lm.hidden_size, lm.ffn_hidden_size, lm.num_kv_heads * lm.head_dim
+    vocab = lm.vocab_size * h / tp
+    vh, vf = vis.hidden_size, vis.intermediate_size
+    tied = lm.tie_word_embeddings
+    return {
+        "LM layer": (h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * f) / tp + 2 * h,
+        "ViT block": 4 * vh * vh + 4 * vh + 3 * vh * vf + 2 * vf + vh + 2 * vh,
+        "embedding": 0.0 if tied else vocab,
+        "output layer": 0.0 if tied else vocab,
+        "root": vis.patch_dim * vh + h + (vocab if tied else 0.0),
+    }
+
+
+STATIC_PREFIXES = ("fp32", "AdamW", "gathered", "one")  # the parts that do not scale with the row
+
+
+def static_bytes(plan: "MemoryPlan") -> float:
+    return sum(v for k, v in plan.parts.items() if k.startswith(STATIC_PREFIXES))
+
+
+def candidate_layouts(gpus: int, heads: int, kv_heads: int, max_tp: int = 8):
+    """TP x CP x DP layouts of ``gpus`` GPUs that the model's heads allow, fewest model-parallel
+    ranks first (CP before TP at equal size: it cuts every activation, and TP stays in a node)."""
+    from megatron_vlm.parallel.context_parallel import ContextParallelError, check_heads
+
+    found = []
+    for tp in (1, 2, 4, 8):
+        for cp in (1, 2, 4, 8, 16):
+            if tp > max_tp or gpus % (tp * cp) or heads % tp:
+                continue
+            if cp > 1:
+                try:
+                    check_heads(heads // tp, max(kv_heads // tp, 1), cp)
+                except ContextParallelError:
+                    continue
+            found.append(Layout(tp=tp, cp=cp, dp=gpus // (tp * cp)))
+    return sorted(found, key=lambda lay: (lay.tp * lay.cp, lay.tp))
+
+
+def recommend_layout(cfg: Qwen25VLConfig, gpus: int, work: Workload, gpu_memory_gib: float,
+                     slack: float = 0.92) -> Optional["MemoryPlan"]:
+    """The first layout (see ``candidate_layouts``) whose plan fits ``slack`` of the GPU's memory
+    (8% for the allocator's fragmentation and the CUDA context), or None."""
+    for layout in candidate_layouts(gpus, cfg.language.num_attention_heads, cfg.language.num_kv_heads):
+        plan = plan_memory(cfg, layout, work)
+        if plan.total <= gpu_memory_gib * 1024**3 * slack:
+            return plan
+    return None
+
+
 @dataclass
 class MemoryPlan:
     layout: Layout
@@ -99,12 +157,15 @@ def plan_memory(cfg: Qwen25VLConfig, layout: Layout, work: Workload) -> MemoryPl
         vis_act = vis.depth * block
     merger = (2 * (FP32 + 2 * BF16) * vis.hidden_size + 2 * BF16 * vis.hidden_size) * patches
     logit_tokens = tokens if work.logit_tokens is None else min(work.logit_tokens, tokens)
-    shard = dp * cp if work.shard_weights_and_grads else 1
-    grad_bytes = FP32 if work.fp32_grads else BF16
+    shard = dp * cp
+    units = fsdp_unit_parameters(cfg, tp)
+    largest = max(units["embedding"], units["output layer"], units["LM layer"], units["ViT block"])
     parts = {
-        "weights (bf16)": BF16 * params / shard,
-        f"gradients ({'fp32' if work.fp32_grads else 'bf16'})": grad_bytes * params / shard,
-        "optimizer (fp32 master + Adam, sharded over DP x CP)": 3 * FP32 * params / (dp * cp),
+        "fp32 main weights (sharded over DP x CP)": FP32 * params / shard,
+        "fp32 gradients (sharded over DP x CP)": FP32 * params / shard,
+        "AdamW moments (2 x fp32, sharded over DP x CP)": 2 * FP32 * params / shard,
+        "gathered bf16 weights (root + running unit + prefetched unit)": BF16 * (units["root"] + 2 * largest),
+        "one unit's unsharded gradient (bf16 + fp32 for reduce-scatter)": (BF16 + FP32) * largest,
         "LM activations": lm_act,
         "ViT activations": vis_act + merger,
         "row embeddings (whole row on every CP rank)": 2 * BF16 * lm.hidden_size * work.seq_len,

@@ -122,3 +122,26 @@ def test_7b_plan_is_consistent():
     assert two.parts["LM activations"] == pytest.approx(one.parts["LM activations"] / 2)
     full_logits = plan_memory(cfg, Layout(cp=2, dp=4), Workload(seq_len=131072, logit_tokens=None))
     assert full_logits.parts["logits + cross-entropy"] > 50 * 2**30  # why output_index exists
+
+
+@pytest.mark.parametrize("recipe,gpu_gib", [("qwen25vl_7b_longpt_128k", 95.6), ("qwen25vl_7b_longpt_128k_80gb", 79.6)],
+                         ids=["H20-96GB", "H100-80GB"])
+def test_the_128k_recipes_use_the_layout_the_estimator_recommends_and_fit(recipe, gpu_gib):
+    """The plan's static terms are the trainer's (FSDP2 over DP x CP); each 7B 128K recipe runs in
+    the layout recommended for its GPU, and that layout fits with 8% to spare."""
+    from megatron_vlm.parallel.memory import recommend_layout, static_bytes
+    from megatron_vlm.training.recipes import RECIPES
+
+    cfg = RECIPES[recipe]()
+    model = qwen25vl_7b()
+    gpus = 64
+    work = Workload(seq_len=cfg.data.max_seq_len, recompute=cfg.model.recompute)
+    best = recommend_layout(model, gpus, work, gpu_gib)
+    assert best is not None
+    assert (best.layout.tp, best.layout.cp) == (cfg.parallel.tensor_parallel, cfg.parallel.context_parallel)
+    assert best.total <= 0.92 * gpu_gib * 2**30
+    # sharded fp32 weights + grads + two moments = 16 bytes per parameter over DP x CP
+    params = lm_parameters(model.language, 1) + vision_parameters(model.vision, model.language.hidden_size)
+    sharded = sum(v for k, v in best.parts.items() if "(sharded over" in k) + best.parts["AdamW moments (2 x fp32, sharded over DP x CP)"]
+    assert sharded == pytest.approx(16 * params / gpus)
+    assert static_bytes(best) < 8 * 2**30

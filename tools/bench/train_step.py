@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from megatron_vlm.config import PRESETS, Qwen25VLConfig  # noqa: E402
 from megatron_vlm.data.batch import PackedBatch  # noqa: E402
 from megatron_vlm.data.rope_index import packed_mrope_positions  # noqa: E402
-from megatron_vlm.parallel.memory import (Layout, MemoryPlan, Workload, lm_parameters, plan_memory,  # noqa: E402
+from megatron_vlm.parallel.memory import (STATIC_PREFIXES, Layout, MemoryPlan, Workload, lm_parameters, plan_memory,  # noqa: E402
                                           vision_parameters)
 from megatron_vlm.training.flops import peak_flops, training_step_flops  # noqa: E402
 
@@ -100,13 +100,12 @@ def bench_plan(cfg: Qwen25VLConfig, length: int, grid: tuple, recompute: bool, d
     tokens = sum(len(doc) for doc, _, _ in docs)
     images = sum(doc.count(cfg.image_token_id) for doc, _, _ in docs)
     supervised = int(sum(sum(mask) for _, mask, _ in docs))
-    work = Workload(tokens, image_token_share=images / tokens, logit_tokens=supervised, recompute=recompute,
-                    fp32_grads=False)
+    work = Workload(tokens, image_token_share=images / tokens, logit_tokens=supervised, recompute=recompute)
     plan = plan_memory(cfg, Layout(), work)
     params = lm_parameters(cfg.language, 1) + vision_parameters(cfg.vision, cfg.language.hidden_size)
     static = {"weights": dtype_bytes * params, "gradients": dtype_bytes * params,
               "AdamW states (2, model dtype)": 2 * dtype_bytes * params}
-    dynamic = {k: v for k, v in plan.parts.items() if k.split()[0] not in ("weights", "gradients", "optimizer")}
+    dynamic = {k: v for k, v in plan.parts.items() if not k.startswith(STATIC_PREFIXES)}
     return MemoryPlan(plan.layout, plan.workload, {**static, **dynamic})
 
 
