@@ -23,6 +23,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_vlm.checkpoint import sharded
+from megatron_vlm.checkpoint.safe_metadata import check_directory
 from megatron_vlm.parallel.setup import install_cpu_shims
 
 FORMAT_VERSION = 1
@@ -54,6 +55,7 @@ def load_model_weights(model: torch.nn.Module, directory: str) -> None:
     if not os.path.isfile(os.path.join(target, "metadata.json")):
         raise FileNotFoundError(f"{target} is not a Megatron distributed checkpoint (no metadata.json); "
                                 "create one with: python tools/checkpoint/convert.py hf-to-megatron")
+    check_directory(target)  # megatron-core reads .metadata with plain pickle: vet it first
     template = model.sharded_state_dict()
     state = dist_checkpointing.load(template, target)
     state = {key: value for key, value in state.items() if key in template}

@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megatron_vlm.checkpoint.safe_metadata import SafeFileSystemReader, check_directory
 from megatron_vlm.parallel.param_layout import ParamLayout, record_layouts
 
 FORMAT = "dcp-tp-fsdp"  # megatron_vlm.json "weights_format" of directories written here
@@ -134,10 +135,11 @@ def load(directory: str, model: torch.nn.Module, layouts: Optional[dict[str, Par
     moments in place from a checkpoint written at any layout."""
     if not os.path.isfile(os.path.join(directory, ".metadata")):
         raise FileNotFoundError(f"{directory} is not a training checkpoint's weights (no .metadata)")
+    check_directory(directory)  # a clear refusal on every rank before DCP reads anything
     layouts = layouts or record_layouts(model)
     mesh = checkpoint_mesh(device_type)
     state = model_views(model, layouts, mesh)
     if optimizer is not None:
         init_adam_state(optimizer)
         state.update(optimizer_views(model, optimizer, layouts, mesh))
-    dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    dcp.load(state, storage_reader=SafeFileSystemReader(directory))  # metadata read without unpickling code

@@ -19,7 +19,7 @@ class ModelConfig:
     preset: str = "tiny"  # tiny | 3b | 7b | 32b | 72b (random init) unless a checkpoint is given
     load: Optional[str] = None  # a model directory from `convert.py hf-to-megatron` (or a training run's)
     rope_theta: Optional[float] = None  # override, e.g. 4e6 for 128K LongPT
-    dtype: str = "bf16"  # parameter dtype on GPU (fp32 main weights in the optimizer); CPU trains in fp32
+    dtype: str = "bf16"  # compute dtype on every device (main weights, grads and AdamW stay fp32); or fp32
     recompute: bool = False  # full activation recompute (LM layers and ViT blocks)
     freeze_vision: bool = False
     freeze_merger: bool = False

@@ -81,6 +81,8 @@ def test_parallel_training_equals_one_process(single, tmp_path, procs, tp, cp):
         assert ref["losses"][-1] < ref["losses"][0]
         assert_same_updates(run, ref, dtype, fp32_ref=single["fp32"] if dtype == "bf16" else None)
         assert run["vision_replicas_identical"]
+        if cp > 1:  # rank 0 received only the patches it encodes, never a whole row's
+            assert all(received < whole for received, whole in run["pixel_rows"] if whole), run["pixel_rows"]
 
 
 def test_context_parallel_rank_without_images_in_bf16(tmp_path):

@@ -118,6 +118,17 @@ def main() -> None:
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
             if args.perturb_vision_grads:
                 _perturb_vision_gradients(trainer.model, tp_rank)
+            pixel_rows: list[tuple[int, int]] = []  # (rows this rank received, rows of the whole row)
+            prepare = trainer._prepare
+
+            def recording_prepare(row):
+                out = prepare(row)
+                received = out[0][2]
+                pixel_rows.append((0 if received is None else int(received.shape[0]),
+                                   0 if row.pixel_values is None else int(row.pixel_values.shape[0])))
+                return out
+
+            trainer._prepare = recording_prepare
             initial_vision = {n: p.detach().full_tensor().clone() for n, p in trainer.model.named_parameters()
                               if n.startswith("vision.")}
             resumed_at = trainer.step
@@ -141,6 +152,7 @@ def main() -> None:
             "merger_unchanged": all(v for n, v in unchanged.items() if n.startswith("vision.merger.")),
             "collective_devices": sorted({d for _, devices in double.calls for d in devices}),
             "collectives": len(double.calls),
+            "pixel_rows": pixel_rows,
         }
         flags = torch.tensor([float(replicas_identical)], device=flat.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MIN)
