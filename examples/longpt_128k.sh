@@ -42,8 +42,8 @@ RUN_DIR=${RUN_DIR:-runs/longpt-128k}
 RECIPE=${RECIPE:-qwen25vl_7b_longpt_128k}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${SLURM_JOB_NUM_NODES:-${NNODES:-1}}
-TP=${TP:-1}
-CP=${CP:-2}
+TP=${TP:-}   # empty: the recipe's layout (qwen25vl_7b_longpt_128k: CP=2 for 96 GB GPUs; ..._80gb: CP=4)
+CP=${CP:-}
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || echo localhost)}
 MASTER_PORT=${MASTER_PORT:-29500}
 SAVE_GRACE_SECONDS=${SAVE_GRACE_SECONDS:-600}   # finish the step + save a 7B checkpoint before SIGKILL
@@ -64,7 +64,7 @@ LAUNCH=(torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE"
         --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "$SAVE_GRACE_SECONDS"
         -m megatron_vlm.train --recipe "$RECIPE"
         --set "model.load=$MODEL_DIR" --set "data.prefix=$DATA_PREFIX" --set "log.run_dir=$RUN_DIR"
-        --set "parallel.tensor_parallel=$TP" --set "parallel.context_parallel=$CP" "$@")
+        ${TP:+--set "parallel.tensor_parallel=$TP"} ${CP:+--set "parallel.context_parallel=$CP"} "$@")
 
 case "$LAUNCHER" in
   srun) STEP=(srun --kill-on-bad-exit=1 "${LAUNCH[@]}") ;;
