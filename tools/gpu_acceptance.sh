@@ -128,8 +128,8 @@ step gpu_tests 150 - -- "$PY" -m pytest -m gpu tests/gpu -q
 
 # ---------------------------------------------------------------- 4. DP=2 on one GPU == one process
 SKIP_REASON=${GPU_REASON:-$NEED_CORE}
-step dp2_equivalence 120 - -- env MVLM_TEST_DEVICE=cuda MVLM_TEST_BACKEND=gloo-device-double \
-  "$PY" -m pytest -q tests/multiproc/test_one_path.py
+step dp2_equivalence 180 - -- env MVLM_DIST_BACKEND=gloo \
+  "$PY" -m pytest -q tests/multiproc/test_one_path.py -k "dp2"
 
 # ---------------------------------------------------------------- 5-6. benchmarks
 SKIP_REASON=$GPU_REASON

@@ -42,7 +42,7 @@ def test_dry_run_writes_one_json_with_every_step_and_the_bench_results(tmp_path)
     assert by_name["bench_mrope"]["result"] == {"dry_run": True, "step": "bench_mrope"}
     assert by_name["bench_train_step"]["result"]["step"] == "bench_train_step"
     assert "--lengths 8K,32K" in by_name["bench_train_step"]["log_tail"][0]
-    assert "MVLM_TEST_BACKEND=gloo-device-double" in by_name["dp2_equivalence"]["log_tail"][0]
+    assert "MVLM_DIST_BACKEND=gloo" in by_name["dp2_equivalence"]["log_tail"][0]
     assert "DRY RUN" in proc.stdout and "bench_train_step" in proc.stdout  # the summary table
 
 
