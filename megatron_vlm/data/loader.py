@@ -90,6 +90,13 @@ def _identity(batch):
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one core per worker: image decoding is the work, not BLAS
     _keep_big_allocations_on_the_heap()
+    # Ctrl-C and scancel signal the whole process group. The trainer answers by finishing its step
+    # and saving; a worker that died of the same signal would fail that step's data fetch instead.
+    # Workers end with the main process (the DataLoader shuts them down).
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _keep_big_allocations_on_the_heap() -> None:

@@ -23,8 +23,9 @@ def _eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: Optional[str], enabled: bool = True):
+    def __init__(self, tensorboard_dir: Optional[str], enabled: bool = True, gpu_metrics: bool = True):
         self.enabled = enabled
+        self.gpu_metrics = gpu_metrics  # TFLOP/s per GPU and MFU mean nothing on a CPU: not printed there
         self.writer = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -34,11 +35,15 @@ class MetricsLogger:
     def log(self, step: int, total: int, metrics: dict[str, float], eta_seconds: float) -> None:
         if not self.enabled:
             return
-        mfu = f" mfu {100 * metrics['mfu']:.1f}%" if metrics.get("mfu") else ""
+        compute = ""
+        if self.gpu_metrics:
+            mfu = f" mfu {100 * metrics['mfu']:.1f}%" if metrics.get("mfu") else ""
+            compute = f" | {metrics['tflops_per_gpu']:.2f} TFLOP/s/GPU{mfu}"
+        memory = "GPU mem" if self.gpu_metrics else "peak RSS"
         print(f"step {step}/{total} ({100 * step / total:.1f}%) | loss {metrics['loss']:.4f} | lr {metrics['lr']:.3g} "
               f"| grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_second']:.0f} tok/s "
-              f"{metrics['samples_per_second']:.1f} samples/s | {metrics['tflops_per_gpu']:.2f} TFLOP/s/GPU{mfu} "
-              f"| mem {metrics['memory_gib']:.2f} GiB | {metrics['step_seconds']:.2f} s/step | ETA {_eta(eta_seconds)}",
+              f"{metrics['samples_per_second']:.1f} samples/s{compute} "
+              f"| {memory} {metrics['memory_gib']:.2f} GiB | {metrics['step_seconds']:.2f} s/step | ETA {_eta(eta_seconds)}",
               flush=True)
         if self.writer is not None:
             for key, value in metrics.items():

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -42,6 +43,9 @@ from megatron_vlm.training.sharding import (average_replicated_gradients, clip_g
                                             shard_model)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# FSDP2 warns when a unit returns a view (the embedding's and the model's outputs): harmful only if
+# the caller modifies that view in place, which nothing here does.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # scancel/preemption, Ctrl-C, Slurm's warning
 
 
@@ -84,7 +88,8 @@ class Trainer:
         self._stop_requested = False
         self.history: list[dict[str, float]] = []  # every step's metrics
         self._resume()
-        self.metrics = MetricsLogger(cfg.log.run_dir if cfg.log.tensorboard else None, enabled=self.rank == 0)
+        self.metrics = MetricsLogger(cfg.log.run_dir if cfg.log.tensorboard else None, enabled=self.rank == 0,
+                                     gpu_metrics=self.device.type == "cuda")
         self.peak = peak_flops(torch.cuda.get_device_name()) if self.device.type == "cuda" else 0.0
 
     # ------------------------------------------------------------------ construction
@@ -247,13 +252,18 @@ class Trainer:
         end = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         started = time.perf_counter()
         first_step = self.step
+        if self.rank == 0 and self.step < end:
+            self.log(f"training steps {self.step + 1}-{end} of {self.total_steps}: {self.rows_per_rank * self.dp_size} "
+                     f"rows of {self.cfg.data.max_seq_len} tokens per step on {dist.get_world_size()} "
+                     f"{self.device.type.upper()} process(es); Ctrl-C or SIGTERM saves and stops")
         try:
             self.model.train()
             while self.step < end:
                 metrics = self.train_step(self.source.next_rows(self.rows_per_rank))
                 losses.append(metrics["loss"])
                 self.history.append(metrics)
-                if self.step % self.cfg.log.interval == 0 or self.step == end:
+                # the first steps always (an early line and ETA), then every log.interval steps
+                if self.step - first_step <= 2 or self.step % self.cfg.log.interval == 0 or self.step == end:
                     eta = (time.perf_counter() - started) / (self.step - first_step) * (self.total_steps - self.step)
                     self.metrics.log(self.step, self.total_steps, metrics, eta)
                 if self._stop_agreed():
