@@ -18,7 +18,8 @@ DEFAULT_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.
 
 
 def fixed_inputs(cfg: Qwen25VLConfig) -> dict[str, Sample]:
-    """A text-only sequence and a text + one image sequence, the same on every run."""
+    """A text-only sequence and a text + one image sequence, the same on every run. Their random
+    text never contains the config's special ids (``testing.make_sample``), whatever the vocabulary."""
     g = torch.Generator().manual_seed(1234)
     return {"text": make_sample(cfg, [48], g), "image": make_sample(cfg, [12, (1, 8, 12), 20], g)}
 
@@ -47,7 +48,11 @@ def megatron_logits(model, cfg: Qwen25VLConfig, samples: dict[str, Sample], dtyp
     model.eval()
     out = {}
     for name, s in samples.items():
-        positions = mrope_positions(s.input_ids, s.image_grid_thw)[:, None, :]
+        positions = mrope_positions(s.input_ids, s.image_grid_thw, image_token_id=cfg.image_token_id,
+                                    video_token_id=cfg.video_token_id,
+                                    vision_start_token_id=cfg.vision_start_token_id,
+                                    spatial_merge_size=cfg.vision.spatial_merge_size,
+                                    tokens_per_second=cfg.vision.tokens_per_second)[:, None, :]
         pixels = None if s.pixel_values is None else s.pixel_values.to(dtype)
         logits = model(s.input_ids[None], positions, pixels, s.image_grid_thw)
         out[name] = gather_logits(logits)[0].float()
