@@ -267,4 +267,16 @@ def tiny() -> Qwen25VLConfig:
     return Qwen25VLConfig(language=lm, vision=vis).validate()
 
 
-PRESETS = {"tiny": tiny, "3b": qwen25vl_3b, "7b": qwen25vl_7b, "32b": qwen25vl_32b, "72b": qwen25vl_72b}
+def tiny_serve() -> Qwen25VLConfig:
+    """``tiny`` made servable: attention head size 32 in the LM and the ViT (vLLM's CPU attention
+    needs 32 or more; ``tiny`` has 16), tied embeddings like the 3B, still a few tens of MB."""
+    lm = LanguageConfig(vocab_size=151936, hidden_size=128, num_layers=2, num_attention_heads=4,
+                        num_kv_heads=2, ffn_hidden_size=256, mrope_section=(4, 6, 6),
+                        max_position_embeddings=32768, tie_word_embeddings=True)
+    vis = VisionConfig(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128,
+                       fullatt_block_indexes=(1,))
+    return Qwen25VLConfig(language=lm, vision=vis).validate()
+
+
+PRESETS = {"tiny": tiny, "tiny-serve": tiny_serve, "3b": qwen25vl_3b,
+           "7b": qwen25vl_7b, "32b": qwen25vl_32b, "72b": qwen25vl_72b}

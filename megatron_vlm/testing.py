@@ -22,20 +22,22 @@ class Sample:
     image_grid_thw: Optional[torch.Tensor]  # [num_images, 3] int64
 
 
-def tiny_hf_config(**language_overrides) -> dict:
-    """A tiny Qwen2.5-VL config.json dict (current key layout)."""
-    cfg = tiny()
+def tiny_hf_config(preset: str = "tiny", **language_overrides) -> dict:
+    """A tiny Qwen2.5-VL config.json dict (current key layout); ``preset`` names a ``config.PRESETS`` entry."""
+    from megatron_vlm.config import PRESETS
+
+    cfg = tiny() if preset == "tiny" else PRESETS[preset]()
     for key, value in language_overrides.items():
         setattr(cfg.language, key, value)
     return cfg.validate().to_hf_dict(torch_dtype="float32")
 
 
-def random_hf_model(seed: int = 0, std: float = 0.05, **language_overrides):
+def random_hf_model(seed: int = 0, std: float = 0.05, preset: str = "tiny", **language_overrides):
     """A tiny HF Qwen2.5-VL with every weight random (norms too, so a wrong mapping shows)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(**tiny_hf_config(**language_overrides))
+    config = Qwen2_5_VLConfig(**tiny_hf_config(preset, **language_overrides))
     config._attn_implementation = "sdpa"
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     with torch.no_grad():
@@ -44,15 +46,31 @@ def random_hf_model(seed: int = 0, std: float = 0.05, **language_overrides):
     return model
 
 
+def special_token_ids(cfg: Qwen25VLConfig) -> tuple[int, ...]:
+    """The ids the model treats specially in its input (a random text must not contain them)."""
+    return (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
+
+
 def make_sample(cfg: Qwen25VLConfig, pieces: Sequence, generator: torch.Generator) -> Sample:
     """Build a document from ``pieces``: an int is that many random text tokens, a (t, h, w) tuple
-    is an image with that patch grid (h, w even), wrapped in vision start/end tokens."""
+    is an image with that patch grid (h, w even), wrapped in vision start/end tokens.
+
+    Text ids are ordinary tokens: below 151643 (Qwen's first added token) and never one of the
+    config's special ids (image/video pad, vision start/end), which a small custom vocabulary may
+    place among them."""
     ids, grids = [], []
     text_vocab = min(cfg.language.vocab_size, 151643)  # ordinary BPE tokens, no specials
+    specials = sorted({i for i in special_token_ids(cfg) if 0 <= i < text_vocab})
+    if len(specials) >= text_vocab:
+        raise ValueError(f"vocab_size {cfg.language.vocab_size} leaves no ordinary text token besides "
+                         f"the special ids {specials}")
     merge = cfg.vision.merge_unit
     for piece in pieces:
         if isinstance(piece, int):
-            ids.append(torch.randint(0, text_vocab, (piece,), generator=generator))
+            drawn = torch.randint(0, text_vocab - len(specials), (piece,), generator=generator)
+            for special in specials:  # ascending: shift past each special id at or below the draw
+                drawn = drawn + (drawn >= special).long()
+            ids.append(drawn)
         else:
             t, h, w = piece
             n = t * h * w // merge
