@@ -72,7 +72,8 @@ def single(tmp_path_factory):
 @pytest.mark.parametrize("procs,tp,cp", [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 2, 2)],
                          ids=["dp2", "cp2", "tp2", "tp2cp2"])
 def test_parallel_training_equals_one_process(single, tmp_path, procs, tp, cp):
-    got = _run(tmp_path, procs, tp, cp, "--text-only-odd-rows")
+    # the largest layout also recomputes activations (FSDP re-gathers units inside the recompute)
+    got = _run(tmp_path, procs, tp, cp, "--text-only-odd-rows", *(["--recompute"] if procs == 4 else []))
     for dtype, (loss_tol, norm_tol) in {"fp32": (1e-5, 1e-4), "bf16": (2e-3, 3e-2)}.items():
         ref, run = single[dtype], got[dtype]
         assert run["collective_devices"] == [DEVICE] and run["collectives"] > 0

@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--text-only-odd-rows", action="store_true")
     parser.add_argument("--perturb-vision-grads", action="store_true")
     parser.add_argument("--freeze-vision", action="store_true")
+    parser.add_argument("--recompute", action="store_true", help="activation recompute (LM layers, ViT blocks)")
     args = parser.parse_args()
 
     from megatron_vlm.parallel import destroy_parallel
@@ -109,7 +110,7 @@ def main() -> None:
             f"schedule.train_steps={args.steps}", f"checkpoint.interval={args.checkpoint_interval}",
             f"log.run_dir={args.run_dir}/{dtype}", "log.tensorboard=false", "log.interval=100",
             f"parallel.context_parallel={args.cp}", f"parallel.tensor_parallel={args.tp}", f"model.dtype={dtype}",
-            f"model.freeze_vision={str(args.freeze_vision).lower()}"])
+            f"model.freeze_vision={str(args.freeze_vision).lower()}", f"model.recompute={str(args.recompute).lower()}"])
         with device_restricted_collectives(device_type) as double:
             trainer = Trainer(cfg, log=lambda _: None)
             if args.text_only_odd_rows:

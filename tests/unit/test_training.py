@@ -214,6 +214,17 @@ def test_freezing_happens_before_sharding_and_holds(tmp_path, megatron_world, fl
     assert not any(id(p) in state_params for p in trainer.model.parameters() if not p.requires_grad)
 
 
+def test_activation_recompute_changes_nothing_but_memory(tmp_path, megatron_world):
+    from megatron_vlm.training.trainer import Trainer
+
+    runs = []
+    for recompute in ("false", "true"):
+        trainer = Trainer(_cfg(tmp_path / recompute, **{"model.recompute": recompute, "schedule.train_steps": 2}),
+                          log=lambda _: None)
+        runs.append((trainer.train(), [m["grad_norm"] for m in trainer.history]))
+    assert runs[0] == runs[1]  # exact: the same kernels run again
+
+
 def test_bf16_compute_keeps_fp32_main_weights(tmp_path, megatron_world):
     from torch.distributed.tensor import DTensor
 
