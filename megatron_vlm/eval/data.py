@@ -9,6 +9,11 @@ Sources (``--data SPEC``; ``KIND:PATH[,key=value...]``):
   without a file are built from the longest instance below them (or trimmed from the document).
   ``evidence_offset=auto|0|1``: added to ``ans_page_list`` to get the page numbers in the image
   names (auto picks, per dataset, the offset under which more evidence pages exist).
+  Records are chosen as MMLongBench's loader chooses them (``DataConfig.max_test_samples``,
+  ``--max-test-samples``, default 100): in each (dataset, length) file separately, a seeded
+  permutation of the file's records and its first N (:func:`official_selection`). An example is
+  evaluated at a length that has a file only if that file picked it; at a length without a file,
+  only if the file it is built from (the longest below, else the shortest) picked it.
 * ``samples:FILE.jsonl[,pool=POOL][,negatives=POOL][,name=NAME]`` -- our held-out sets in the
   shared Sample format (``data/samples.py``) with ``meta`` holding ``answer``, ``answer_format``,
   ``evidence_pages`` (1-based pages of ``meta.doc_id``). With ``pool=`` the whole gold document
@@ -107,6 +112,16 @@ class EvalExample:
     published: dict[int, list[ContextItem]] = field(default_factory=dict)  # MMLongBench: length -> pages
     needle: Optional[Needle] = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # MMLongBench's per-file choice: {"files": lengths with a file, "picked": those that chose it}
+    selection: Optional[dict[str, list[int]]] = None
+
+    def evaluated_at(self, length: int) -> bool:
+        """Whether the official per-file record choice keeps this example at ``length``."""
+        if not self.selection or not self.selection["files"]:
+            return True
+        files = self.selection["files"]
+        ref = length if length in files else max((f for f in files if f <= length), default=min(files))
+        return ref in self.selection["picked"]
 
 
 @dataclass
@@ -137,6 +152,8 @@ class DataConfig:
     min_pixels: int = MIN_PIXELS
     limit: Optional[int] = None  # examples per dataset (the first ones, in file order)
     seed: int = 0
+    max_test_samples: Optional[int] = 100  # MMLongBench records per (dataset, length) file (None: all)
+    selection_seed: int = 42  # the official --seed default (MMLongBench arguments.py)
     work_dir: Optional[str] = None  # where generated needle images go
     exclude_hashes: frozenset = frozenset()  # SHA-256 of training documents: never evaluate on them
 
@@ -366,6 +383,39 @@ def _example_from_sample(sample, name: str, pool: dict[str, Document], cfg: Data
 _LENGTH_IN_NAME = re.compile(r"^(?P<name>.+?)_K(?P<k>\d+)$")
 _PAGE_IN_NAME = (re.compile(r"page[_-]?(\d+)$", re.IGNORECASE), re.compile(r"-(\d+)-\d+$"), re.compile(r"(\d+)$"))
 MMLB_FIELDS = ("question", "answer", "answer_format", "page_list")
+MMLB_MAX_TEST_SAMPLES = 100  # MMLongBench configs/docqa_all.yaml: max_test_samples
+MMLB_SEED = 42  # MMLongBench arguments.py: --seed default
+
+
+def official_selection(count: int, max_test_samples: Optional[int], seed: int = MMLB_SEED) -> list[int]:
+    """0-based positions (in file order) of the records MMLongBench evaluates from one file of
+    ``count`` records, in the order it evaluates them.
+
+    Mirrors MMLongBench ``data.py: load_doc_qa``: the file is read with ``datasets.load_dataset
+    ("json")`` (records in file order), then ``data.shuffle(seed=args.seed).select(range(min(len(
+    data), max_test_samples)))``. ``datasets.Dataset.shuffle(seed=s)`` permutes the rows with
+    ``numpy.random.default_rng(s).permutation(len(data))``; ``select(range(n))`` keeps the first n
+    rows of that permutation. ``None`` means no choice (every record, in file order).
+    """
+    if max_test_samples is None:
+        return list(range(count))
+    import numpy as np
+
+    permutation = np.random.default_rng(seed).permutation(count)
+    return [int(i) for i in permutation[:min(count, max_test_samples)]]
+
+
+def parse_max_test_samples(text: str) -> Optional[int]:
+    """``--max-test-samples``: a positive N, or ``all`` for every record."""
+    if str(text).strip().lower() in ("all", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--max-test-samples {text!r}: expected a positive number or 'all'") from None
+    if value < 1:
+        raise ValueError(f"--max-test-samples {text!r}: expected a positive number or 'all'")
+    return value
 
 
 def page_number_from_path(path: str) -> Optional[int]:
@@ -433,8 +483,16 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
     instances: dict[str, dict[int, list[str]]] = {}
     all_pages: dict[str, dict[int, str]] = {}  # document folder -> page number -> absolute path
     bad_keys: set[str] = set()
+    picked: dict[str, set[int]] = {}  # example key -> lengths whose file chose it
     for length, path in sorted(by_length.items()):
-        for number, where, rec in iter_jsonl(path):
+        lines = list(iter_jsonl(path))
+        chosen = set(official_selection(len(lines), cfg.max_test_samples, cfg.selection_seed))
+        if len(chosen) < len(lines):
+            out.info.setdefault("selected", {})[str(length)] = f"{len(chosen)} of {len(lines)}"
+        for position, (number, where, rec) in enumerate(lines):
+            if position not in chosen:
+                _note_pages(rec, image_root, all_pages)  # its pages still belong to their documents
+                continue
             if isinstance(rec, json.JSONDecodeError):
                 out.dropped.append(Dropped(name, where, "bad_record", f"not valid JSON ({rec.msg})"))
                 continue
@@ -463,6 +521,7 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
                 records[key] = dict(rec, _where=where)
                 order.append(key)
             instances.setdefault(key, {})[length] = paths
+            picked.setdefault(key, set()).add(length)
     missing = [d for d in out.dropped if d.reason == "missing_image"]
     if missing and len(missing) == len(bad_keys) == len(records):
         raise DataError(f"none of the page images of {name} were found under {image_root} (e.g. "
@@ -514,12 +573,25 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
         out.examples.append(EvalExample(
             id=key, dataset=name, question=str(rec["question"]), answer=rec["answer"], answer_format=fmt,
             doc=doc, evidence_pages=evidence, published=published,
-            meta={k: rec[k] for k in ("doc_name", "ans_page_list", "doc_type", "evidence_sources") if k in rec}))
+            meta={k: rec[k] for k in ("doc_name", "ans_page_list", "doc_type", "evidence_sources") if k in rec},
+            selection=None if cfg.max_test_samples is None else {"files": sorted(by_length),
+                                                                 "picked": sorted(picked.get(key, ()))}))
     # negatives: every other document seen in the dataset, whole
     out.negatives = [Document(folder, [DocPage(n, p, page_tokens(p, cfg)) for n, p in sorted(pages.items())])
                      for folder, pages in sorted(all_pages.items())]
     out.info["negatives"] = len(out.negatives)
     return out
+
+
+def _note_pages(rec: Any, image_root: str, all_pages: dict[str, dict[int, str]]) -> None:
+    """Adds the existing page images of a record that is not evaluated to their documents."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("page_list"), list):
+        return
+    for rel in rec["page_list"]:
+        full = rel if os.path.isabs(str(rel)) else os.path.join(image_root, str(rel))
+        page = page_number_from_path(full)
+        if page is not None and os.path.isfile(full):
+            all_pages.setdefault(_doc_of_path(full), {}).setdefault(page, os.path.abspath(full))
 
 
 def _gold_folder(rec: dict, instances: dict[int, list[str]]) -> Optional[str]:

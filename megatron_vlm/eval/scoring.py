@@ -1,4 +1,8 @@
-"""Rule-based scores for document-QA answers: the fallback when no LLM judge is given.
+"""Rule-based scores for document-QA answers (``--judge rules``; the default for our own data).
+
+MMLongBench's official rule metric, which differs on purpose in several places (any number in
+the prediction, F1 for "Not answerable", verbatim exact-match golds, merged lists), is
+``mmlb_rules.py`` (``--judge mmlb-rules``, the default for MMLongBench data).
 
 One rule per answer shape, all returning a score in [0, 1]:
 
