@@ -11,16 +11,26 @@ import sys
 import warnings
 
 
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_vlm.training.recipes import RECIPES
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES),
+                        help="training recipe (megatron_vlm/training/recipes.py)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config value, e.g. --set optim.lr=2e-5 --set data.prefix=data/mix")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_vlm.training.config import apply_overrides
     from megatron_vlm.training.recipes import RECIPES
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, choices=sorted(RECIPES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config value, e.g. --set optim.lr=2e-5 --set data.prefix=data/mix")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 
     cfg = apply_overrides(RECIPES[args.recipe](), args.overrides)

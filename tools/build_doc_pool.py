@@ -21,12 +21,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from megatron_vlm.datagen.inputs import discover_inputs, parse_shard, read_hash_list  # noqa: E402
+from megatron_vlm import cli  # noqa: E402
 from megatron_vlm.datagen.pdf import PdfLimits  # noqa: E402
-from megatron_vlm.datagen.pool import PoolConfig, format_stats, merge_pool, run_shard, shards_done  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=[], metavar="PATH",
@@ -62,21 +61,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--doc-timeout", type=float, default=600.0, help="seconds per document (0: none)")
     g.add_argument("--worker-memory-gb", type=float, default=4.0, help="address-space cap per worker (0: none)")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1),
-                   help="worker processes (0: in this process, no limits; for debugging)")
+    g.add_argument("--workers", type=int, default=cli.default_workers(), help=cli.WORKERS_HELP)
     g.add_argument("--shard", default="0/1", help="I/N (0-based) or 'slurm' (SLURM_ARRAY_TASK_ID/COUNT)")
     g.add_argument("--retry-failed", action="store_true", help="process timed-out/crashed documents again")
     g.add_argument("--no-merge", action="store_true", help="do not merge even when every shard is done")
     g.add_argument("--merge-only", action="store_true", help="only merge finished shards")
     g.add_argument("--num-shards", type=int, default=None, help="with --merge-only: N of the shards")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.merge_only and not args.input:
         p.error("--input is required (unless --merge-only)")
     return args
 
 
-def config_from_args(args: argparse.Namespace) -> PoolConfig:
+def config_from_args(args: argparse.Namespace):
+    from megatron_vlm.datagen.pool import PoolConfig
+
     limits = PdfLimits(
         max_file_bytes=int(args.max_file_mb * 2**20),
         max_page_pixels=args.max_page_pixels,
@@ -95,8 +100,12 @@ def config_from_args(args: argparse.Namespace) -> PoolConfig:
 
 
 def main(argv=None) -> int:
+    from megatron_vlm.datagen.inputs import discover_inputs, parse_shard, read_hash_list
+    from megatron_vlm.datagen.pool import format_stats, merge_pool, run_shard, shard_paths, shards_done
+
     args = parse_args(argv)
     output = os.path.abspath(args.output)
+    cli.on_stop(lambda: f"stopped: merge of {output} not finished; {cli.RESUME}")
     if args.merge_only:
         count = args.num_shards or parse_shard(args.shard)[1]
         missing = shards_done(output, count)
@@ -104,16 +113,30 @@ def main(argv=None) -> int:
             print(f"cannot merge: shards {missing} of {count} have not finished", file=sys.stderr)
             return 1
     else:
-        cfg = config_from_args(args)
-        index, count = parse_shard(args.shard)
+        try:
+            cfg = config_from_args(args)
+            index, count = parse_shard(args.shard)
+        except ValueError as err:
+            raise cli.UserError(err) from None
         missing_inputs: list[str] = []
         paths = discover_inputs(args.input, missing_inputs)
+        files = shard_paths(output, index, count)
+
+        def stopped() -> str:
+            done = cli.count_lines(files["manifest"]) + cli.count_lines(files["rejected"])
+            return (f"stopped: {done} of {len(set(paths))} documents of shard {index}/{count} done in {output} "
+                    f"(accepted or rejected, kept); {cli.RESUME}")
+
+        cli.on_stop(stopped)
         for spec in missing_inputs:
             print(f"warning: no PDF found for input {spec!r}", file=sys.stderr)
         exclude: set[str] = set()
         for path in args.exclude_hashes:
             exclude |= read_hash_list(path)
-        result = run_shard(paths, cfg, (index, count), exclude)
+        try:
+            result = run_shard(paths, cfg, (index, count), exclude)
+        except ValueError as err:  # e.g. other settings than the existing pool's
+            raise cli.UserError(err) from None
         pages_per_s = result.pages / result.seconds if result.seconds else 0.0
         print(f"shard {index}/{count}: {result.inputs} inputs, {result.resumed} already done, "
               f"{result.accepted} accepted, {result.rejected} rejected {result.reasons or ''}; "
@@ -131,4 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -31,10 +31,11 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from megatron_vlm import cli  # noqa: E402
 
 SUBCOMMANDS = ("run", "score", "holdout")
 
@@ -49,10 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
-        argv = ["run"] + argv  # the issue's form: no subcommand means run
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,9 +66,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     run.add_argument("--limit", type=int, default=None, help="examples per dataset (the first N)")
     run.add_argument("--output", default="eval_results", help="output folder")
     run.add_argument("--seed", type=int, default=0, help="seed of the per-example negative choice")
-    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (tokens)")
     run.add_argument("--max-pixels", type=int, default=None, help="image pixel cap (None: Qwen2.5-VL's 12845056)")
-    run.add_argument("--min-pixels", type=int, default=None)
+    run.add_argument("--min-pixels", type=int, default=None, help="image pixel floor (None: Qwen2.5-VL's 3136)")
     run.add_argument("--parallel", type=int, default=8, help="requests at once for openai backends")
     run.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable with the models' API key")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per HTTP request")
@@ -93,12 +91,39 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
     hold = sub.add_parser("holdout", help="pick held-out documents of a pool, write their SHA-256 list",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    hold.add_argument("--pool", required=True)
+    hold.add_argument("--pool", required=True, help="document pool folder (tools/build_doc_pool.py)")
     hold.add_argument("--num-docs", type=int, default=None, help="how many (default: all)")
-    hold.add_argument("--seed", type=int, default=0)
+    hold.add_argument("--seed", type=int, default=0, help="seed of the document choice")
     hold.add_argument("--exclude-hashes", action="append", default=[], help="documents not to pick (hash lists)")
     hold.add_argument("--output", required=True, help="the hash list to write")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _subcommand_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Options may come before or after the subcommand: move the subcommand to the front (no
+    subcommand means ``run``). Values of options are skipped, so ``--output score`` stays a value."""
+    takes_value = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                takes_value |= {o for a in sub._actions if a.nargs != 0 for o in a.option_strings}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token in SUBCOMMANDS:
+            return [token] + argv[:i] + argv[i + 1:]
+        if token == "--" or not token.startswith("-"):
+            break
+        i += 2 if token in takes_value else 1
+    if argv[:1] in (["-h"], ["--help"]):
+        return argv
+    return ["run"] + argv  # the issue's form: no subcommand means run
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    return parser.parse_args(_subcommand_first(argv, parser))
 
 
 # ------------------------------------------------------------------------- helpers
@@ -234,12 +259,11 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
 
         bar = tqdm(total=len(todo), desc=f"generate {spec.name}", disable=args.no_progress, unit="answer")
         with JsonlAppender(path) as out:
-            if backend.parallel > 1:
-                with ThreadPoolExecutor(backend.parallel) as pool:
-                    for record in pool.map(one, todo):
-                        out.append(record)
-                        done[(record["key"], record["context"])] = record
-                        bar.update()
+            if backend.parallel > 1:  # Ctrl-C does not wait for the requests in flight
+                for record in cli.thread_map(one, todo, backend.parallel):
+                    out.append(record)
+                    done[(record["key"], record["context"])] = record
+                    bar.update()
             else:
                 for inst in todo:
                     record = one(inst)
@@ -262,6 +286,16 @@ def run(args) -> int:
     from megatron_vlm.eval.report import write_report
 
     out_dir = args.output
+
+    def stopped() -> str:
+        kept = sum(cli.count_lines(os.path.join(out_dir, "predictions", f"{_safe_name(s.name)}.jsonl"))
+                   for s in specs)
+        judged = cli.count_lines(os.path.join(out_dir, "judge_cache.jsonl"))
+        return (f"stopped: {kept} predictions and {judged} judged answers kept in {out_dir}; "
+                f"{cli.RESUME} (only what is missing is redone)")
+
+    specs = []
+    cli.on_stop(stopped)
     specs = [parse_model_spec(m) for m in args.model]
     for spec in specs:
         check_model_spec(spec)
@@ -350,6 +384,9 @@ def score(args) -> int:
         return 1
     out_dir = args.output or os.path.dirname(os.path.abspath(args.predictions[0]))
     os.makedirs(out_dir, exist_ok=True)
+    cache = os.path.join(out_dir, "judge_cache.jsonl")
+    cli.on_stop(lambda: (f"stopped: {cli.count_lines(cache)} judged answers kept in {cache} (of {len(good)} "
+                         f"records); no scored file written yet; {cli.RESUME}"))
     scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"))
     try:
         scored = score_records([r for _, r in good], scorer, not args.no_progress)
@@ -406,4 +443,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -22,16 +22,18 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from megatron_vlm import cli  # noqa: E402
 from megatron_vlm.datagen.mixing import (DISTRIBUTIONS, LONG_BIASED_FRACTION, LONG_THRESHOLD, MixConfig,  # noqa: E402
                                          MixError, mix, parse_input_spec, parse_task_mix, parse_token_count)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, metavar="FILE[:WEIGHT]",
                    help="task JSONL files (samples format); weights split a task's share among files")
-    p.add_argument("--output", required=True, metavar="MIX.jsonl")
+    p.add_argument("--output", required=True, metavar="MIX.jsonl",
+                   help="the mixture (MIX.stats.json, MIX.stats.md, MIX.hist.png, MIX.report.json beside it)")
     p.add_argument("--distribution", choices=DISTRIBUTIONS, default="pool-native",
                    help="pool-native: lengths as the pool gives them; long-biased: favour >= 100K samples")
     p.add_argument("--task-mix", default=None, metavar="TASK:SHARE,...",
@@ -43,24 +45,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--short-ratio", type=float, default=0.0, help="share of the token budget for --short-data")
     p.add_argument("--short-image-root", default=None, metavar="DIR",
                    help="folder LLaVA image paths are relative to (default: the JSONL's folder)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample selection and order")
     p.add_argument("--long-threshold", default=str(LONG_THRESHOLD), metavar="N[K]",
                    help="what counts as long (statistics and long-biased sampling); 100K = 102,400")
     p.add_argument("--long-fraction", type=float, default=LONG_BIASED_FRACTION,
                    help="long-biased: share of samples >= --long-threshold")
     p.add_argument("--allow-repeat", action="store_true", help="reuse samples when a pool is short of its share")
-    p.add_argument("--max-tokens", default=None, metavar="N[K]",
-                   help="drop longer samples (e.g. the training max_seq_len, 128K)")
+    p.add_argument("--max-seq-len", type=cli.token_count, default=cli.MAX_SEQ_LEN, metavar="N[K]",
+                   help=cli.MAX_SEQ_LEN_HELP + " (use the trainer's data.max_seq_len); 0: no limit")
+    cli.DeprecatedAlias.add(p, "--max-tokens", "--max-seq-len", dest="max_seq_len", type=cli.token_count)
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: built-in)")
     p.add_argument("--check-images", action="store_true",
                    help="read every image header even when records carry image_tokens")
     p.add_argument("--force", action="store_true", help="remake outputs that are up to date")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.on_stop(lambda: f"stopped: nothing written ({args.output} is written at the end, all at once); "
+                        "rerun the same command")
     try:
         config = MixConfig(
             inputs=[parse_input_spec(s) for s in args.input], output=args.output, distribution=args.distribution,
@@ -70,7 +79,7 @@ def main(argv=None) -> int:
             short_image_root=args.short_image_root, seed=args.seed,
             long_threshold=parse_token_count(args.long_threshold), long_fraction=args.long_fraction,
             allow_repeat=args.allow_repeat,
-            max_tokens=parse_token_count(args.max_tokens) if args.max_tokens else None,
+            max_tokens=args.max_seq_len or None,
             tokenizer_dir=args.tokenizer, check_images=args.check_images)
         mix(config, progress=not args.no_progress, force=args.force)
     except MixError as err:
@@ -80,4 +89,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -23,23 +23,26 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from megatron_vlm.data.preprocess import OVERLONG_POLICIES, PreprocessConfig  # noqa: E402
+from megatron_vlm import cli  # noqa: E402
+
+OVERLONG_POLICIES = ("drop", "truncate")  # megatron_vlm.data.preprocess.OVERLONG_POLICIES (not imported: slow)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=[], metavar="JSONL", help="mixture JSONL file(s) of samples")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="output path prefix")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="Qwen2.5-VL tokenizer directory (default: the offline-built one)")
-    p.add_argument("--max-seq-len", type=int, default=131072, help="longest sample kept (tokens)")
+    p.add_argument("--max-seq-len", type=cli.token_count, default=cli.MAX_SEQ_LEN,
+                   help=cli.MAX_SEQ_LEN_HELP + " (or truncated, see --overlong); also the packed row length")
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="drop",
                    help="samples longer than --max-seq-len: drop them, or keep their first tokens")
     p.add_argument("--verify-images", action="store_true", help="fully decode every image (slow)")
+    p.add_argument("--force", action="store_true", help=cli.FORCE_HELP)
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="tokenizer processes (0: in this process, no time limit)")
+    g.add_argument("--workers", type=int, default=cli.default_workers(), help=cli.WORKERS_HELP)
     g.add_argument("--chunk-size", type=int, default=1024, help="lines per part (the unit of resume)")
     g.add_argument("--sample-timeout", type=float, default=600.0, help="seconds per sample (0: none)")
     g.add_argument("--shard", default="0/1", help="I/N (0-based) or 'slurm' (SLURM_ARRAY_TASK_ID/COUNT)")
@@ -52,8 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pack-only", action="store_true", help="only (re)pack an existing PREFIX")
     g.add_argument("--cp-size", type=int, default=1, help="context parallel size: documents padded to 2*CP")
     g.add_argument("--tp-size", type=int, default=1, help="with --sequence-parallel: padding x TP")
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="the trainer uses sequence parallelism (pads documents to a multiple of 2*CP*TP)")
     g.add_argument("--pack-seed", type=int, default=0, help="tie-breaking seed of the packer")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.pack_only and not args.input:
         p.error("--input is required (unless --pack-only)")
@@ -75,13 +84,24 @@ def pack(prefix: str, max_seq_len: int, cp_size: int, tp_size: int, sequence_par
     return plan.stats
 
 
+def _stopped(args) -> str:
+    import glob
+
+    from megatron_vlm.data.preprocess import parts_dir
+
+    done = len(glob.glob(os.path.join(parts_dir(args.output_prefix), "*.meta.json")))
+    return (f"stopped: {done} finished chunk(s) of {args.chunk_size} lines kept in "
+            f"{parts_dir(args.output_prefix)}; {cli.RESUME}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cli.on_stop(lambda: _stopped(args))
     if args.pack_only:
         pack(args.output_prefix, args.max_seq_len, args.cp_size, args.tp_size, args.sequence_parallel,
              args.pack_seed)
         return 0
-    from megatron_vlm.data.preprocess import merge_parts, preprocess
+    from megatron_vlm.data.preprocess import PreprocessConfig, merge_parts, preprocess
     from megatron_vlm.datagen.inputs import parse_shard
 
     try:
@@ -93,7 +113,7 @@ def main(argv=None) -> int:
                               max_seq_len=args.max_seq_len, overlong=args.overlong, workers=args.workers,
                               chunk_size=args.chunk_size, verify_images=args.verify_images,
                               sample_timeout=args.sample_timeout, keep_parts=args.keep_parts,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, force=args.force)
     try:
         config.validate()
         if args.merge_only:
@@ -112,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -23,25 +23,27 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
-from megatron_vlm.datagen.synthesize import ALL_TASKS, OCR_TASKS, SynthesisConfig, Synthesizer  # noqa: E402
-from megatron_vlm.datagen.teachers import OpenAIConfig, TeacherFatalError  # noqa: E402
+from megatron_vlm import cli  # noqa: E402
+from megatron_vlm.datagen.synthesize import ALL_TASKS, OCR_TASKS  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pool", required=True, help="document pool folder (tools/build_doc_pool.py)")
-    p.add_argument("--task", required=True, choices=ALL_TASKS)
+    p.add_argument("--task", required=True, choices=ALL_TASKS, help="what to synthesize")
     p.add_argument("--output", required=True, metavar="OUT.jsonl", help="samples file (appended; resumable)")
     p.add_argument("--num-samples", type=int, required=True, help="samples wanted in OUT.jsonl")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of document, segment and page choices")
+    p.add_argument("--force", action="store_true", help=cli.FORCE_HELP)
     g = p.add_argument_group("documents and segments")
     g.add_argument("--min-pages", type=int, default=32, help="use documents with at least this many pages")
     g.add_argument("--max-pages", type=int, default=50, help="use documents with at most this many pages")
     g.add_argument("--segment-min-pages", type=int, default=8, help="shortest segment given to the teacher")
     g.add_argument("--segment-max-pages", type=int, default=15, help="longest segment given to the teacher")
-    g.add_argument("--max-seq-tokens", type=int, default=131072,
-                   help="drop samples longer than this (templated tokens, images expanded); 0: no limit")
+    g.add_argument("--max-seq-len", type=cli.token_count, default=cli.MAX_SEQ_LEN,
+                   help=cli.MAX_SEQ_LEN_HELP + "; 0: no limit")
+    cli.DeprecatedAlias.add(g, "--max-seq-tokens", "--max-seq-len", dest="max_seq_len", type=cli.token_count)
     g.add_argument("--max-needles", type=int, default=3, help="ocr-needle: at most this many pages to transcribe")
     g.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs (default 5 x N + 20)")
     g.add_argument("--tokenizer", default=None, help="Qwen2.5-VL tokenizer folder (default: the built one)")
@@ -56,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-retries", type=int, default=5, help="retries per request (429, 5xx, timeouts)")
     g.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds (doubles, jittered)")
     g.add_argument("--max-reasks", type=int, default=1, help="follow-ups after a reply without usable JSON")
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--max-completion-tokens", type=int, default=2048)
+    g.add_argument("--temperature", type=float, default=0.7, help="teacher sampling temperature")
+    g.add_argument("--max-completion-tokens", type=int, default=2048, help="longest teacher reply (tokens)")
     g.add_argument("--exemplars", type=int, default=2, help="in-context exemplars per request")
     g.add_argument("--image-max-pixels", type=int, default=None, help="downscale pages sent to the teacher")
     g.add_argument("--cache-dir", default=None, help="response cache (default: OUT's folder/teacher_cache)")
@@ -66,10 +68,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--price-output", type=float, default=0.0, help="USD per million completion tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="log retries and re-asks")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def build_teacher(args: argparse.Namespace):
+    from megatron_vlm.datagen.teachers import OpenAIConfig
+
     if args.task in OCR_TASKS:
         return None
     if args.teacher == "offline":
@@ -112,8 +120,22 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _start_again(output: str) -> None:
+    """--force: remove OUT.jsonl and its sidecars (the teacher cache is kept)."""
+    from megatron_vlm.datagen.synthesize import sidecar
+
+    for path in (output, *(sidecar(output, n) for n in ("dropped.jsonl", "report.json", "settings.json"))):
+        if os.path.isfile(path):
+            os.unlink(path)
+
+
 def main(argv=None) -> int:
+    from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, sidecar
+    from megatron_vlm.datagen.teachers import TeacherFatalError
+
     args = parse_args(argv)
+    cli.on_stop(lambda: (f"stopped: {cli.count_lines(args.output)} of {args.num_samples} samples written to "
+                         f"{args.output} (report: {sidecar(args.output, 'report.json')}); {cli.RESUME}"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -121,10 +143,12 @@ def main(argv=None) -> int:
         config = SynthesisConfig(
             pool=args.pool, task=args.task, output=args.output, num_samples=args.num_samples, seed=args.seed,
             min_pages=args.min_pages, max_pages=args.max_pages, segment_min_pages=args.segment_min_pages,
-            segment_max_pages=args.segment_max_pages, max_seq_tokens=args.max_seq_tokens or None,
+            segment_max_pages=args.segment_max_pages, max_seq_tokens=args.max_seq_len or None,
             max_jobs=args.max_jobs, concurrency=args.concurrency, max_needles=args.max_needles,
             tokenizer=args.tokenizer, progress=not args.no_progress)
         config.validate()
+        if args.force:
+            _start_again(args.output)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -150,4 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -118,7 +118,7 @@ def hf_to_megatron(hf_dir: str, out_dir: str, tensor_parallel: int = 1, rope_the
     reader = HFCheckpointReader(hf_dir)
     dtype = dtype or reader.dtype()
     if os.path.exists(os.path.join(out_dir, dist_ckpt.MODEL_SUBDIR)):
-        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose a new --out-dir")
+        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose a new --out-dir, or --force to replace it")
     log(f"building {cfg.language.num_layers}-layer model ({dtype}) ...")
     model = build_model(cfg, dtype, tensor_parallel=1, init=False)
     log(f"streaming {len(reader.names())} tensors from {hf_dir} ...")

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from megatron_vlm.data.indexed import (IndexedWriter, SampleRecord, is_complete, merge_prefixes, read_meta,
                                        remove_prefix, summarize_report)
+from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import Sample, SampleError
 from megatron_vlm.data.tokenization import SampleTokenizer, TokenizationError, sample_image_sizes, truncate
 from megatron_vlm.datagen.storage import atomic_write_json
@@ -48,6 +49,7 @@ class PreprocessConfig:
     sample_timeout: float = 600.0
     keep_parts: bool = False
     progress: bool = True
+    force: bool = False  # discard outputs (and parts) written with other settings instead of refusing
 
     def validate(self) -> "PreprocessConfig":
         if self.overlong not in OVERLONG_POLICIES:
@@ -199,16 +201,20 @@ def part_prefix(prefix: str, chunk: int) -> str:
     return os.path.join(parts_dir(prefix), f"part-{chunk:06d}")
 
 
-def _check_fingerprint(prefix: str, fingerprint: dict) -> None:
+def _check_fingerprint(prefix: str, fingerprint: dict, force: bool = False) -> None:
+    from megatron_vlm.cli import settings_diff
+
     path = os.path.join(parts_dir(prefix), "config.json")
     if os.path.isfile(path):
         with open(path) as f:
             saved = json.load(f)
-        if saved != fingerprint:
-            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise RuntimeError(f"{parts_dir(prefix)} was started with other settings or inputs ({diff}); delete it "
-                               "or choose another --output-prefix")
-    else:
+        if saved != fingerprint and force:
+            shutil.rmtree(parts_dir(prefix))
+        elif saved != fingerprint:
+            raise RuntimeError(f"{parts_dir(prefix)} was started with other settings or inputs "
+                               f"({settings_diff(saved, fingerprint)}); use the same settings, another "
+                               "--output-prefix, or --force to discard it")
+    if not os.path.isfile(path):
         os.makedirs(parts_dir(prefix), exist_ok=True)
         atomic_write_json(path, fingerprint)
 
@@ -255,7 +261,7 @@ def run_shard(config: PreprocessConfig, shard: int = 0, num_shards: int = 1,
     config.validate()
     tokenizer = tokenizer or SampleTokenizer(config.tokenizer_dir)
     fingerprint = run_fingerprint(config, tokenizer)
-    _check_fingerprint(config.output_prefix, fingerprint)
+    _check_fingerprint(config.output_prefix, fingerprint, config.force)
     lines = LineIndex.scan(config.inputs)
     num_chunks = lines.num_chunks(config.chunk_size)
     chunks = [c for c in shard_chunks(num_chunks, shard, num_shards)
@@ -283,6 +289,7 @@ def run_shard(config: PreprocessConfig, shard: int = 0, num_shards: int = 1,
         outcomes = ((item, _run_inline(item, payload)) for item in enumerate(todo))
     first_result = None
     for (position, (chunk, i)), outcome in outcomes:
+        cli_step()  # tests only: MVLM_TEST_SLOW_STEP
         if first_result is None:
             first_result = time.perf_counter()  # workers are up: what follows is the steady rate
         pending[position] = (chunk, i, outcome)
@@ -376,11 +383,17 @@ def preprocess(config: PreprocessConfig, shard: int = 0, num_shards: int = 1, me
     tokenizer = tokenizer or SampleTokenizer(config.tokenizer_dir)
     if is_complete(config.output_prefix):
         meta = read_meta(config.output_prefix)
-        if meta.get("config") == run_fingerprint(config, tokenizer):
+        wanted = run_fingerprint(config, tokenizer)
+        if meta.get("config") == wanted:
             log(f"{config.output_prefix} is already complete ({meta['num_samples']} samples)")
             return {"samples": 0, "tokens": 0, "merged": meta}
-        raise RuntimeError(f"{config.output_prefix} exists from a run with other settings or inputs; "
-                           "remove it or choose another --output-prefix")
+        if not config.force:
+            from megatron_vlm.cli import settings_diff
+
+            raise RuntimeError(f"{config.output_prefix} exists from a run with other settings or inputs "
+                               f"({settings_diff(meta.get('config') or {}, wanted)}); use the same settings, "
+                               "another --output-prefix, or --force to replace it")
+        remove_prefix(config.output_prefix)
     stats = run_shard(config, shard, num_shards, tokenizer, log)
     if merge:
         merged = merge_parts(config, tokenizer, log)

@@ -35,6 +35,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import TASKS, Sample, SampleError
 from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
 
@@ -255,6 +256,7 @@ def scan_candidates(config: MixConfig, tokenizer, dropped: list[dict], progress:
         stem = os.path.splitext(os.path.basename(spec.path))[0]
         for number, offset, raw in tqdm(_iter_lines(spec.path), desc=f"count {os.path.basename(spec.path)}",
                                         unit="sample", disable=not progress, mininterval=2.0):
+            cli_step()  # tests only: MVLM_TEST_SLOW_STEP
             where = f"{spec.path}:{number}"
             try:
                 sample = parse_line(raw, where, short, root, f"{stem}:{number}")
@@ -262,7 +264,7 @@ def scan_candidates(config: MixConfig, tokenizer, dropped: list[dict], progress:
                 dropped.append({"source": where, "id": None, "reason": "bad_record", "detail": str(err)})
                 continue
             if config.task_mix is not None and not short and sample.task not in config.task_mix:
-                dropped.append({"source": where, "id": sample.id, "reason": "task_not_in_mix",
+                dropped.append({"source": where, "id": sample.id, "reason": "task_not_in_mix", "task": sample.task,
                                 "detail": f"{where}: task {sample.task!r} is not in the task mix "
                                           f"{sorted(config.task_mix)}"})
                 continue
@@ -278,7 +280,7 @@ def scan_candidates(config: MixConfig, tokenizer, dropped: list[dict], progress:
                 continue
             if config.max_tokens is not None and tokens > config.max_tokens:
                 dropped.append({"source": where, "id": sample.id, "reason": "too_long",
-                                "detail": f"{where}: {tokens} tokens > --max-tokens {config.max_tokens}"})
+                                "detail": f"{where}: {tokens} tokens > --max-seq-len {config.max_tokens}"})
                 continue
             candidates.append(Candidate(f_i, number, offset, "short" if short else sample.task, tokens,
                                         len(sample.images), short))
@@ -485,6 +487,20 @@ def _write_mixture(config: MixConfig, candidates: Sequence[Candidate], order: Se
             os.remove(tmp)
 
 
+def _left_out_tasks(config: MixConfig, dropped: list[dict]) -> list[str]:
+    """One warning per task whose samples were all left out because --task-mix does not name it."""
+    counts: dict[str, int] = {}
+    for d in dropped:
+        if d["reason"] == "task_not_in_mix":
+            counts[d.get("task", "?")] = counts.get(d.get("task", "?"), 0) + 1
+    out = []
+    for task, n in sorted(counts.items()):
+        example = ",".join(f"{t}:{share:g}" for t, share in (config.task_mix or {}).items()) + f",{task}:0.1"
+        out.append(f"{n} sample(s) of task {task!r} left out: {task} is not in --task-mix; to include it, "
+                   f"give it a share, e.g. --task-mix {example} (or --task-mix none: file weights alone)")
+    return out
+
+
 def mix(config: MixConfig, tokenizer=None, progress: bool = True, force: bool = False, log=print) -> dict:
     """Make the mixture and its statistics, histogram and report. Returns the statistics."""
     config.validate()
@@ -505,7 +521,7 @@ def mix(config: MixConfig, tokenizer=None, progress: bool = True, force: bool = 
     groups = build_groups(config, candidates)
     order, budget = select(config, candidates, groups)
     chosen = [candidates[i] for i in order]
-    warnings = []
+    warnings = _left_out_tasks(config, dropped)
     for g in groups:
         if g.tokens < g.target:
             warnings.append(f"{g.name}: only {format_tokens(g.tokens)} of its {format_tokens(g.target)} target "

@@ -60,6 +60,7 @@ from megatron_vlm.datagen.storage import (
     dumps,
     read_jsonl,
 )
+from megatron_vlm.cli import step as cli_step
 from megatron_vlm.datagen.workers import Outcome, run_tasks
 
 MAX_WARNINGS = 50
@@ -310,8 +311,10 @@ def check_pool_config(cfg: PoolConfig) -> None:
         with open(path, encoding="utf-8") as f:
             existing = json.load(f)
         if existing != json.loads(dumps(wanted)):
-            diff = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != json.loads(dumps(wanted)).get(k))
-            raise ValueError(f"{cfg.output} was built with other settings ({', '.join(diff)}); "
+            from megatron_vlm.cli import settings_diff
+
+            diff = settings_diff(existing, json.loads(dumps(wanted)))
+            raise ValueError(f"{cfg.output} was built with other settings ({diff}); "
                              f"use a new --output or the same settings (see {path})")
         return
     atomic_write_json(path, wanted)
@@ -439,6 +442,7 @@ def run_shard(
         )
         bar = _progress(outcomes, len(tasks), f"shard {index}/{count}", cfg.progress)
         for task, outcome in bar:
+            cli_step()  # tests only: MVLM_TEST_SLOW_STEP
             value = _outcome_to_result(task, outcome)
             timing.update(value.get("timing", {}))
             if "record" in value:

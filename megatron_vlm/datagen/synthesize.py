@@ -59,6 +59,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import Sample
 from megatron_vlm.datagen.ocr_tasks import OCR_PROMPT_VERSION, ocr_full, ocr_needle
 from megatron_vlm.datagen.prompts import ANSWER_FORMATS, EVIDENCE_SOURCES, PROMPT_VERSION, VQA_TASKS
@@ -386,10 +387,11 @@ class Synthesizer:
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 existing = json.load(f)
-            diff = sorted(k for k in set(existing) | set(wanted) if existing.get(k) != wanted.get(k))
-            if diff:
-                raise ValueError(f"{self.cfg.output} was written with other settings ({', '.join(diff)}; see {path}); "
-                                 "use a new --output or the same settings")
+            if existing != wanted:
+                from megatron_vlm.cli import settings_diff
+
+                raise ValueError(f"{self.cfg.output} was written with other settings ({settings_diff(existing, wanted)}; "
+                                 f"see {path}); use a new --output, the same settings, or --force to start it again")
         else:
             atomic_write_json(path, wanted)
 
@@ -528,6 +530,7 @@ class Synthesizer:
                         inflight.pop(task)
                         outcome = task.result()  # a TeacherFatalError propagates from here
                         stats.jobs += 1
+                        cli_step()  # tests only: MVLM_TEST_SLOW_STEP
                         if outcome.sample is not None and outcome.dedup_key in keys:
                             outcome.drop = Drop("duplicate", "same document and normalized question (OCR: same pages)")
                             outcome.sample = None

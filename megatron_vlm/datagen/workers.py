@@ -17,6 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -96,12 +97,26 @@ def _worker_main(conn, fn: Callable[[Any], Any], initializer: Optional[Callable[
             return
 
 
+def _ignore_sigint():
+    """Ignore SIGINT in this process (main thread only); returns the previous handler or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Worker:
     def __init__(self, ctx, fn, initializer, initargs, memory_bytes: int):
         self.conn, child = ctx.Pipe(duplex=True)
         self.proc = ctx.Process(target=_worker_main, args=(child, fn, initializer, initargs, memory_bytes),
                                 daemon=True)
-        self.proc.start()
+        # The child starts with SIGINT ignored (kept across exec), so a Ctrl-C that reaches the whole
+        # process group while it imports cannot print a KeyboardInterrupt traceback from it.
+        previous = _ignore_sigint()
+        try:
+            self.proc.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         child.close()
         self.key: Optional[int] = None
         self.started = 0.0

@@ -21,7 +21,6 @@ import hashlib
 import json
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Protocol
 
@@ -280,10 +279,11 @@ def score_records(records: Iterable[dict], scorer, progress: bool = True, desc: 
     bar = tqdm(total=len(records), desc=desc, disable=not progress, unit="answer")
     results: list[dict] = []
     if getattr(scorer, "parallel", 1) > 1 and len(records) > 1:
-        with ThreadPoolExecutor(scorer.parallel) as pool:
-            for out in pool.map(one, records):
-                results.append(out)
-                bar.update()
+        from megatron_vlm.cli import thread_map  # Ctrl-C does not wait for the judge calls in flight
+
+        for out in thread_map(one, records, scorer.parallel):
+            results.append(out)
+            bar.update()
     else:
         for record in records:
             results.append(one(record))

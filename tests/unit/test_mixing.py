@@ -222,3 +222,14 @@ def test_cli_without_budget_takes_the_largest_mixture(inputs, tokenizer):
     assert per_task[limiting]["samples"] == available[limiting]["samples"]
     assert main(["--input", files["reasoning"], "--output", out, "--token-budget", "5B!"]) == 2
 
+
+
+def test_a_task_left_out_of_the_mix_is_named_with_the_flag(inputs, tokenizer):
+    folder, files = inputs
+    logged = []
+    config = MixConfig(inputs=[parse_input_spec(files[t]) for t in ("extract-single", "extract-multi", "reasoning",
+                                                                    "ocr-full")],
+                       output=os.path.join(folder, "out_ocr", "mix.jsonl"), task_mix=parse_task_mix(None))
+    mix(config, tokenizer, progress=False, log=logged.append)
+    note = [line for line in logged if "ocr-full" in line and "left out" in line]
+    assert len(note) == 1 and "--task-mix" in note[0] and "ocr-full:0.1" in note[0], logged

@@ -18,36 +18,58 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
+from megatron_vlm import cli  # noqa: E402
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron distributed checkpoint")
-    h2m.add_argument("--hf-dir", required=True)
-    h2m.add_argument("--out-dir", required=True)
+    h2m = sub.add_parser("hf-to-megatron", help="HF safetensors -> Megatron distributed checkpoint",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h2m.add_argument("--hf-dir", required=True, help="HF checkpoint folder (config.json + safetensors)")
+    h2m.add_argument("--out-dir", required=True, help="Megatron model folder to write")
+    h2m.add_argument("--force", action="store_true", help="replace a checkpoint already in --out-dir")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate for (any TP loads)")
     h2m.add_argument("--rope-theta", type=float, default=None, help="new rope base, e.g. 4e6 for LongPT")
     h2m.add_argument("--dtype", default="auto", help="fp32|bf16|fp16|auto (auto: the checkpoint's)")
 
-    m2h = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF safetensors")
-    m2h.add_argument("--in-dir", required=True)
-    m2h.add_argument("--out-dir", required=True)
+    m2h = sub.add_parser("megatron-to-hf", help="Megatron distributed checkpoint -> HF safetensors",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m2h.add_argument("--in-dir", required=True, help="Megatron model folder (hf-to-megatron's or training's export)")
+    m2h.add_argument("--out-dir", required=True, help="HF checkpoint folder to write")
     m2h.add_argument("--layout", choices=("source", "current", "legacy"), default="source",
-                     help="HF key names: those of the checkpoint converted from (default), current "
+                     help="HF key names: those of the checkpoint converted from (source), current "
                           "(model.language_model.*, transformers >= 4.52 in memory) or legacy (model.* / "
                           "visual.*, what published checkpoints and save_pretrained use; all versions load it)")
-    m2h.add_argument("--dtype", default="auto")
+    m2h.add_argument("--dtype", default="auto", help="fp32|bf16|fp16|auto (auto: the checkpoint's)")
     m2h.add_argument("--rope-theta", type=float, default=None, help="write this rope base into config.json")
-    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    m2h.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
 
-    ver = sub.add_parser("verify", help="compare HF and Megatron logits on fixed inputs")
-    ver.add_argument("--hf-dir", required=True)
-    ver.add_argument("--megatron-dir", required=True)
-    ver.add_argument("--dtype", default="fp32")
+    ver = sub.add_parser("verify", help="compare HF and Megatron logits on fixed inputs",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ver.add_argument("--hf-dir", required=True, help="HF checkpoint folder")
+    ver.add_argument("--megatron-dir", required=True, help="Megatron model folder")
+    ver.add_argument("--dtype", default="fp32", help="fp32|bf16|fp16: dtype both models run in")
     ver.add_argument("--tol", type=float, default=None, help="max abs logit diff allowed (default by dtype)")
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _stopped(args) -> str:
+    if args.command == "verify":
+        return "stopped: verification not finished (nothing is written); rerun the same command"
+    extra = " with --force" if args.command == "hf-to-megatron" else ""
+    return f"stopped: {args.out_dir} is incomplete and unusable; rerun the same command{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.on_stop(lambda: _stopped(args))
 
     import torch
     from megatron_vlm.checkpoint import convert
@@ -56,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "hf-to-megatron":
+            if args.force:
+                _remove_checkpoint(args.out_dir)
             convert.hf_to_megatron(args.hf_dir, args.out_dir, args.tp, args.rope_theta,
                                    convert.parse_dtype(args.dtype))
         elif args.command == "megatron-to-hf":
@@ -79,5 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _remove_checkpoint(out_dir: str) -> None:
+    """--force: remove the model checkpoint files hf-to-megatron writes (nothing else in the folder)."""
+    import shutil
+
+    from megatron_vlm.checkpoint import dist as dist_ckpt
+
+    if os.path.isdir(os.path.join(out_dir, dist_ckpt.MODEL_SUBDIR)):
+        shutil.rmtree(os.path.join(out_dir, dist_ckpt.MODEL_SUBDIR))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)
