@@ -222,7 +222,7 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
 
     from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS
     from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
-    from megatron_vlm.eval.backends import BackendError, GenerationConfig, make_backend
+    from megatron_vlm.eval.backends import BackendError, GenerationConfig, RequestRejected, make_backend
     from megatron_vlm.eval.build import format_length
 
     path = os.path.join(out_dir, "predictions", f"{_safe_name(spec.name)}.jsonl")
@@ -245,6 +245,8 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
             start, error, prediction = time.time(), None, ""
             try:
                 prediction = backend.generate(inst)
+            except RequestRejected:
+                raise  # bad key, model name or URL: every request would fail; main() stops the run
             except (BackendError, RuntimeError, ValueError, OSError) as err:
                 error = f"{type(err).__name__}: {err}"[:1000]
             record = {"key": inst.key, "context": fingerprints[inst.key], "model": spec.name,
@@ -435,11 +437,16 @@ def holdout(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from megatron_vlm.eval.backends import RequestRejected
+
     try:
         return {"run": run, "score": score, "holdout": holdout}[args.command](args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RequestRejected as err:  # a server refused the key, the model name or the URL
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

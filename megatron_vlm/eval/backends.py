@@ -38,6 +38,32 @@ class BackendError(RuntimeError):
     """A generation that failed (server error after retries, context too long, ...)."""
 
 
+class RequestRejected(BackendError):
+    """The server refused the request itself (HTTP 401/403/404: bad API key, a model name it does
+    not serve, a wrong URL). Every later request would fail the same way, so a run stops at the
+    first one instead of scoring each answer 0."""
+
+
+REJECTED_STATUS = (401, 403, 404)
+
+
+def _server_message(detail: str) -> str:
+    """The ``error.message`` of an OpenAI-style error body (or the body), on one line."""
+    try:
+        body = json.loads(detail)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict):
+            detail = str(error.get("message") or error.get("detail") or error)
+        elif error:
+            detail = str(error)
+        elif body.get("detail") or body.get("message"):
+            detail = str(body.get("detail") or body.get("message"))
+    return " ".join(detail.split())[:300]
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -139,6 +165,7 @@ class OpenAIClient:
         self.models_url = self.url[: -len("/chat/completions")] + "/models"
         self.timeout, self.retries = timeout, retries
         self._key = os.environ.get(api_key_env) or ""  # kept here only; never printed or logged
+        self._key_env = api_key_env  # the variable's name, for messages
         self.model = model or self._first_model()
 
     def __repr__(self) -> str:  # no key in reprs or tracebacks of objects
@@ -160,8 +187,10 @@ class OpenAIClient:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return json.loads(response.read().decode("utf-8"))
             except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace")[:500]
-                last = f"HTTP {err.code} from {url}: {detail}"
+                detail = err.read().decode("utf-8", "replace")[:2000]
+                if err.code in REJECTED_STATUS:
+                    raise RequestRejected(self._rejection(err.code, url, _server_message(detail))) from None
+                last = f"HTTP {err.code} from {url}: {detail[:500]}"
                 if err.code != 429 and err.code < 500:
                     raise BackendError(last) from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
@@ -169,6 +198,14 @@ class OpenAIClient:
             if attempt < self.retries:
                 time.sleep(min(30.0, 0.5 * 2 ** attempt) * (1 + 0.1 * random.random()))
         raise BackendError(last + f" (after {self.retries + 1} attempts)")
+
+    def _rejection(self, status: int, url: str, message: str) -> str:
+        model = getattr(self, "model", None)
+        what = f"model {model!r}" if model and url == self.url else "the request"
+        key = f"the API key in ${self._key_env}" + ("" if self._key else " (not set)")
+        hint = {401: f"check {key}", 403: f"check {key} and its access to this model",
+                404: f"check the model name against {self.models_url} and the URL"}[status]
+        return f"{url} rejected {what} (HTTP {status}: {message or 'no detail'}); {hint}"
 
     def _first_model(self) -> str:
         listing = self._request(self.models_url, None)
@@ -386,6 +423,7 @@ __all__ = [
     "ModelSpec",
     "OpenAIBackend",
     "OpenAIClient",
+    "RequestRejected",
     "TransformersBackend",
     "chat_completions_url",
     "check_model_spec",
