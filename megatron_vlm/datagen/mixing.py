@@ -424,8 +424,34 @@ def format_stats_table(stats: dict, title: str = "mixture") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_histogram(items: Sequence[Candidate], path: str, bins: int = 64, title: str = "") -> None:
-    """Token-length histogram per task (stacked), as the paper's Figure 7; written atomically."""
+def histogram_axis(tokens_k: Sequence[float], bins: int = 64) -> dict:
+    """Where the histogram's bars go, from the data alone: ``scale`` ("log" when the lengths span
+    more than a factor of 20, else "linear"), bin ``edges`` covering [shortest, longest] (log-spaced
+    on a log axis) and the axis ``xlim`` with a small margin -- never a fixed 0-100K range, so short
+    samples are not a sliver at the left edge. ``threshold`` says whether the 100K line falls inside."""
+    values = [float(v) for v in tokens_k if v > 0]
+    if not values:
+        return {"scale": "linear", "edges": np.linspace(0, 1, bins + 1), "xlim": (0.0, 1.0), "threshold": False}
+    lo, hi = min(values), max(values)
+    if hi / lo > 20:
+        edges = np.geomspace(lo / 1.001, hi * 1.001, bins + 1)
+        xlim = (lo / 1.25, hi * 1.25)
+        scale = "log"
+    else:
+        pad = max((hi - lo) * 0.05, hi * 0.02, 1 / 2**10)
+        edges = np.linspace(lo - pad / 4, hi + pad / 4, bins + 1)
+        xlim = (max(0.0, lo - pad), hi + pad)
+        scale = "linear"
+    threshold_k = LONG_THRESHOLD / 2**10
+    return {"scale": scale, "edges": edges, "xlim": xlim, "threshold": xlim[0] <= threshold_k <= xlim[1]}
+
+
+def plot_histogram(items: Sequence[Candidate], path: str, bins: int = 64, title: str = "") -> dict:
+    """Token-length histogram per task (stacked), as the paper's Figure 7; written atomically.
+
+    The x axis follows the data (:func:`histogram_axis`: log when lengths span decades), the 100K
+    line is drawn only where it falls inside, and the legend sits outside the plot, right of it, so
+    it never covers bars. Returns the axis layout."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,21 +459,35 @@ def plot_histogram(items: Sequence[Candidate], path: str, bins: int = 64, title:
 
     tasks = sorted({c.task for c in items})
     data = [[c.tokens / 2**10 for c in items if c.task == t] for t in tasks]
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    layout = histogram_axis([c.tokens / 2**10 for c in items], bins)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=100)
     if items:
-        top = max(c.tokens for c in items) / 2**10
-        edges = np.linspace(0, top * 1.001 + 1e-9, bins + 1)
-        ax.hist(data, bins=edges, stacked=True, label=tasks)
-        ax.axvline(LONG_THRESHOLD / 2**10, color="k", linestyle="--", linewidth=1, label="100K")
-        ax.legend()
-    ax.set_xlabel("tokens per sample (K = 1,024)")
+        counts = {t: len(d) for t, d in zip(tasks, data)}
+        ax.hist(data, bins=layout["edges"], stacked=True, label=[f"{t} ({counts[t]:,})" for t in tasks])
+        threshold_k = LONG_THRESHOLD / 2**10
+        if layout["threshold"]:
+            ax.axvline(threshold_k, color="k", linestyle="--", linewidth=1, label="100K")
+        ax.set_xscale(layout["scale"])
+        ax.set_xlim(*layout["xlim"])
+        if layout["scale"] == "log":
+            from matplotlib.ticker import FuncFormatter
+
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}K"))
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=9, frameon=False)
+        if not layout["threshold"]:
+            side = "below" if layout["xlim"][1] < threshold_k else "above"
+            ax.text(0.99, 0.97, f"all samples {side} 100K", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=8, color="0.35")
+    ax.set_xlabel("tokens per sample (K = 1,024)" + (", log scale" if layout["scale"] == "log" else ""))
     ax.set_ylabel("samples")
     ax.set_title(title or f"token lengths ({len(items):,} samples)")
+    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+    return layout
 
 
 # ---------------------------------------------------------------------------- the run
@@ -577,4 +617,4 @@ def mix(config: MixConfig, tokenizer=None, progress: bool = True, force: bool = 
 
 __all__ = ["DEFAULT_TASK_MIX", "DISTRIBUTIONS", "InputSpec", "LONG_THRESHOLD", "MixConfig", "MixError",
            "format_stats_table", "format_tokens", "llava_to_sample", "mix", "mixture_stats", "parse_input_spec",
-           "parse_task_mix", "parse_token_count", "plot_histogram", "table_stats"]
+           "histogram_axis", "parse_task_mix", "parse_token_count", "plot_histogram", "table_stats"]

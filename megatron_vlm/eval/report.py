@@ -153,21 +153,52 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def plot_panels(report: dict) -> list[tuple[str, dict, Optional[str]]]:
+    """(title, suite, dataset or None for the suite's AVG) per panel: each suite's AVG, then each
+    dataset; a suite with one dataset gets one panel (its AVG is that dataset's curve)."""
+    panels: list[tuple[str, dict, Optional[str]]] = []
+    for suite in report["suites"].values():
+        if len(suite["datasets"]) == 1:
+            panels.append((f"{suite['title']}: {suite['datasets'][0]}", suite, suite["datasets"][0]))
+            continue
+        panels.append((f"{suite['title']}: AVG", suite, None))
+        panels.extend((ds, suite, ds) for ds in suite["datasets"])
+    return panels
+
+
+def model_styles(models: Sequence[str]) -> dict[str, dict]:
+    """A distinct look per model, so a curve that equals another's stays visible: its own marker and
+    line style, a marker size that shrinks with the model's index (the first is drawn largest,
+    underneath), and a small sideways offset (a fraction of a doubling on the log2 length axis)."""
+    n = len(models)
+    styles = {}
+    for i, model in enumerate(models):
+        styles[model] = {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)],
+                         "markersize": max(3.5, 8.0 - 1.5 * i), "zorder": 2 + i,
+                         "x_factor": 2 ** (0.06 * (i - (n - 1) / 2)) if n > 1 else 1.0}
+    return styles
+
+
 def plot_curves(report: dict, path: str) -> str:
-    """Score vs length, one line per model: each suite's AVG first, then every dataset."""
+    """Score vs length, one line per model (see :func:`plot_panels` and :func:`model_styles`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
-    for suite in report["suites"].values():
-        panels.append((f"{suite['title']}: AVG", suite, None))
-        panels.extend((ds, suite, ds) for ds in suite["datasets"])
+    panels = plot_panels(report)
     cols = min(4, max(1, len(panels)))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows + 0.4), squeeze=False)
     lengths, labels = report["lengths"], report["length_labels"]
+    models = list(report.get("models") or [])
+    for suite in report["suites"].values():
+        models.extend(m for m in suite["models"] if m not in models)
+    styles = model_styles(models)
     for ax, (title, suite, ds) in zip(axes.flat, panels):
         for model, data in suite["models"].items():
             xs, ys = [], []
@@ -177,12 +208,18 @@ def plot_curves(report: dict, path: str) -> str:
                     continue
                 value = entry["AVG"] if ds is None else entry["datasets"].get(ds, {}).get("score")
                 if value is not None:
-                    xs.append(n)
+                    xs.append(n * styles[model]["x_factor"])
                     ys.append(value)
-            ax.plot(xs, ys, marker="o", label=model)
+            style = styles[model]
+            ax.plot(xs, ys, marker=style["marker"], linestyle=style["linestyle"], markersize=style["markersize"],
+                    zorder=style["zorder"], linewidth=1.6, markerfacecolor="none" if style["zorder"] > 2 else None,
+                    markeredgewidth=1.4, label=model)
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths)
         ax.set_xticklabels(labels, rotation=45 if len(lengths) > 5 else 0)
+        ax.minorticks_off()
+        if len(lengths) > 1:
+            ax.set_xlim(lengths[0] / 2 ** 0.35, lengths[-1] * 2 ** 0.35)
         ax.set_ylim(-3, 103)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("context length (tokens)")
@@ -191,8 +228,9 @@ def plot_curves(report: dict, path: str) -> str:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper center", ncol=min(4, max(1, len(names))), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.legend(handles, names, loc="upper center", ncol=min(4, max(1, len(names))), fontsize=8, frameon=False)
+    top = 1 - 0.32 / (3.6 * rows + 0.4) * (1 + (len(names) - 1) // 4)  # room for the legend rows
+    fig.tight_layout(rect=(0, 0, 1, top))
     import io
 
     buffer = io.BytesIO()
@@ -215,4 +253,4 @@ def write_report(records: Iterable[dict], out_dir: str, models: Optional[Sequenc
     return report
 
 
-__all__ = ["plot_curves", "render_markdown", "summarize", "write_report"]
+__all__ = ["model_styles", "plot_curves", "plot_panels", "render_markdown", "summarize", "write_report"]
