@@ -33,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
 
-    cfg = apply_overrides(RECIPES[args.recipe](), args.overrides)
-    cfg.rows_per_step()
+    from megatron_vlm.cli import UserError
+
+    try:
+        cfg = apply_overrides(RECIPES[args.recipe](), args.overrides)
+        cfg.rows_per_step()
+    except ValueError as exc:  # a bad --set: say which, no traceback
+        raise UserError(str(exc)) from exc
     print(cfg.to_json(), flush=True)
     if args.print_config:
         return 0
@@ -43,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_vlm.training.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg)
+        try:
+            trainer = Trainer(cfg)
+        except (ValueError, FileNotFoundError) as exc:  # settings or inputs the user can fix (MVLM_DEBUG=1: traceback)
+            raise UserError(str(exc)) from exc
         trainer.train()
         if trainer.step >= trainer.total_steps and (not cfg.checkpoint.interval or trainer.step % cfg.checkpoint.interval):
             trainer.save()  # always leave the final weights
@@ -53,4 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_vlm.cli import run_cli
+
+    run_cli(main)  # a stop before training starts, or a config error: one line, no traceback
