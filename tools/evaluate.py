@@ -2,7 +2,7 @@
 """Long-document VQA evaluation at 8K-512K (MMLongBench-style), several models side by side.
 
   python tools/evaluate.py --data SPEC [--data SPEC ...] --lengths 8K,16K,32K,64K,128K,256K,512K \\
-      --model [NAME=]BACKEND:PATH_OR_URL [--model ...] [--judge openai:URL[,model=NAME] | rules] \\
+      --model [NAME=]BACKEND:PATH_OR_URL [--model ...] [--judge openai:URL[,model=NAME] | mmlb-rules | rules] \\
       [--limit N] [--output DIR] [--seed 0] [--max-new-tokens 128] [--parallel 8] [--max-pixels N]
   python tools/evaluate.py score --predictions FILE.jsonl [--judge ...] [--output DIR]
   python tools/evaluate.py holdout --pool POOL --num-docs N --output eval_hashes.txt
@@ -42,8 +42,10 @@ SUBCOMMANDS = ("run", "score", "holdout")
 
 # ------------------------------------------------------------------------- arguments
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--judge", default="rules",
-                   help="openai:URL[,model=NAME] for an LLM judge on an OpenAI-compatible endpoint, or rules")
+    p.add_argument("--judge", default="auto",
+                   help="openai:URL[,model=NAME] for an LLM judge on an OpenAI-compatible endpoint; mmlb-rules "
+                        "(MMLongBench's official rule metric), rules (ours), or auto: mmlb-rules for MMLongBench "
+                        "datasets, rules for the others")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable with the judge's API key")
     p.add_argument("--judge-parallel", type=int, default=4, help="judge requests at once")
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="openai:URL[,model=..][,images=data|path] | hf:DIR[,dtype=..] | megatron:DIR[,dtype=..]; "
                           "repeat to compare models (the first is the baseline)")
     run.add_argument("--limit", type=int, default=None, help="examples per dataset (the first N)")
+    run.add_argument("--max-test-samples", type=_max_test_samples, default=100, metavar="N|all",
+                     help="MMLongBench records per (dataset, length) file, chosen as the official loader does")
     run.add_argument("--output", default="eval_results", help="output folder")
     run.add_argument("--seed", type=int, default=0, help="seed of the per-example negative choice")
     run.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (tokens)")
@@ -154,10 +158,20 @@ def _dropped_counts(dropped) -> dict:
     return {k: dict(v) for k, v in counts.items()}
 
 
-def _make_scorer(args, cache_path: str):
+def _max_test_samples(text: str):
+    from megatron_vlm.eval.data import parse_max_test_samples
+
+    try:
+        return parse_max_test_samples(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _make_scorer(args, cache_path: str, mmlb_datasets=()):
     from megatron_vlm.eval.judge import make_scorer
 
-    return make_scorer(args.judge, cache_path, args.judge_api_key_env, args.judge_parallel)
+    return make_scorer(args.judge, cache_path, args.judge_api_key_env, args.judge_parallel,
+                       mmlb_datasets=mmlb_datasets)
 
 
 # ------------------------------------------------------------------------- run
@@ -176,7 +190,8 @@ def build_instances(args, out_dir: str):
     for pool in args.training_pool:
         exclude |= {d.sha256 for d in pool_documents(pool, DataConfig()).values() if d.sha256}
     cfg = DataConfig(max_pixels=args.max_pixels or MAX_PIXELS, min_pixels=args.min_pixels or MIN_PIXELS,
-                     limit=args.limit, seed=args.seed, work_dir=os.path.join(out_dir, "niah_images"),
+                     limit=args.limit, seed=args.seed, max_test_samples=args.max_test_samples,
+                     work_dir=os.path.join(out_dir, "niah_images"),
                      exclude_hashes=frozenset(exclude))
     sets = [s for spec in args.data for s in load_data(spec, cfg)]
     names = Counter(s.name for s in sets)
@@ -192,6 +207,8 @@ def build_instances(args, out_dir: str):
         rows = []
         for example in tqdm(s.examples, desc=f"contexts {s.name}", disable=args.no_progress, unit="example"):
             for n in lengths:
+                if not example.evaluated_at(n):  # MMLongBench: this length's file did not choose it
+                    continue
                 result = instantiate(example, n, s.negatives, counter, args.seed, use_published=not args.no_published)
                 if isinstance(result, Dropped):
                     result.where = f"{example.id} @ {n} tokens"
@@ -323,7 +340,8 @@ def run(args) -> int:
     if not instances:
         print("error: no example could be instantiated at any length (see dropped.json)", file=sys.stderr)
         return 1
-    scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"))
+    scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"),
+                          [s.name for s in sets if s.info.get("kind") == "mmlb"])
     all_scored = []
     try:
         for spec in specs:

@@ -13,6 +13,10 @@ again (bounded); if it still fails, that record is scored by the rules and marke
 keyed by (rubric version, judge model, question, answer, format, prediction), so a killed run
 resumes and re-scoring old predictions costs nothing twice. The API key comes from the
 environment and is never written anywhere.
+
+Rule scorers (no endpoint): ``rules`` (ours, ``scoring.score_answer``) and ``mmlb-rules``
+(MMLongBench's official docqa rule metric, ``mmlb_rules.score_mmlb``). Without ``--judge``
+(``auto``), records of MMLongBench datasets get ``mmlb-rules`` and all others ``rules``.
 """
 
 from __future__ import annotations
@@ -90,6 +94,52 @@ class RuleScorer:
         if not clean_prediction(prediction):
             return ScoreResult(0.0, "empty")
         return ScoreResult(score_answer(prediction, answer, answer_format), "rules")
+
+
+class MMLBRuleScorer:
+    """MMLongBench's own rule-based docqa score (parsing after "Answer:" included)."""
+
+    name = "mmlb-rules"
+    parallel = 1
+
+    def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult:
+        from megatron_vlm.eval.mmlb_rules import parse_answer, score_mmlb
+
+        value, note = score_mmlb(prediction, answer, normalize_format(answer_format))
+        if not parse_answer(prediction):
+            return ScoreResult(value, "empty")
+        if note:
+            return ScoreResult(value, "mmlb-rules (gold read as a string)", {"note": note})
+        return ScoreResult(value, "mmlb-rules")
+
+
+# dataset names the official loader (MMLongBench data.py: load_data) sends to its docqa scorer
+MMLB_DATASET_KEYS = ("longdocurl", "mmlongdoc", "slidevqa")
+
+
+def is_mmlb_dataset(name: Any, mmlb_datasets: Iterable[str] = ()) -> bool:
+    name = str(name or "")
+    return name in set(mmlb_datasets) or any(key in name for key in MMLB_DATASET_KEYS)
+
+
+class AutoRuleScorer:
+    """The default: ``mmlb-rules`` for MMLongBench records (by dataset name), ``rules`` otherwise."""
+
+    name = "auto"
+    parallel = 1
+
+    def __init__(self, mmlb_datasets: Iterable[str] = ()):
+        self.mmlb_datasets = frozenset(mmlb_datasets)
+        self.mmlb, self.ours = MMLBRuleScorer(), RuleScorer()
+
+    def score_record(self, record: dict) -> ScoreResult:
+        docqa = record.get("task", "docqa") == "docqa"
+        scorer = self.mmlb if docqa and is_mmlb_dataset(record.get("dataset"), self.mmlb_datasets) else self.ours
+        return scorer.score(str(record.get("question", "")), record.get("answer"), record.get("answer_format"),
+                            record.get("prediction") or "")
+
+    def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult:
+        return self.ours.score(question, answer, answer_format, prediction)
 
 
 class JudgeError(RuntimeError):
@@ -237,12 +287,14 @@ class LLMJudge:
 
 
 def parse_judge_spec(spec: Optional[str]) -> tuple[str, str, dict[str, str]]:
-    """``rules`` or ``openai:URL[,model=NAME]`` -> (kind, url, options)."""
-    if spec in (None, "", "rules"):
-        return "rules", "", {}
+    """``auto`` (or None), ``rules``, ``mmlb-rules`` or ``openai:URL[,model=NAME]`` -> (kind, url, options)."""
+    if spec in (None, "", "auto"):
+        return "auto", "", {}
+    if spec in ("rules", "mmlb-rules"):
+        return spec, "", {}
     kind, sep, rest = spec.partition(":")
     if kind not in ("openai", "vllm") or not sep or not rest:
-        raise ValueError(f"--judge {spec!r}: expected 'rules' or openai:URL[,model=NAME]")
+        raise ValueError(f"--judge {spec!r}: expected auto, rules, mmlb-rules or openai:URL[,model=NAME]")
     pieces = rest.split(",")
     options = {}
     for piece in pieces[1:]:
@@ -254,10 +306,14 @@ def parse_judge_spec(spec: Optional[str]) -> tuple[str, str, dict[str, str]]:
 
 
 def make_scorer(spec: Optional[str], cache_path: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
-                parallel: int = 4, timeout: float = 300.0, retries: int = 3):
+                parallel: int = 4, timeout: float = 300.0, retries: int = 3, mmlb_datasets: Iterable[str] = ()):
     kind, url, options = parse_judge_spec(spec)
+    if kind == "auto":
+        return AutoRuleScorer(mmlb_datasets)
     if kind == "rules":
         return RuleScorer()
+    if kind == "mmlb-rules":
+        return MMLBRuleScorer()
     return LLMJudge(url, options.get("model"), cache_path, api_key_env, timeout, retries, parallel=parallel)
 
 
@@ -269,8 +325,11 @@ def score_records(records: Iterable[dict], scorer, progress: bool = True, desc: 
     records = list(records)
 
     def one(record: dict) -> dict:
-        result = scorer.score(str(record.get("question", "")), record.get("answer"), record.get("answer_format"),
-                              record.get("prediction") or "")
+        if hasattr(scorer, "score_record"):  # scorers that look at more than the answer (the dataset)
+            result = scorer.score_record(record)
+        else:
+            result = scorer.score(str(record.get("question", "")), record.get("answer"), record.get("answer_format"),
+                                  record.get("prediction") or "")
         out = dict(record, score=result.score, scored_by=result.scored_by)
         if result.detail:
             out["judge"] = result.detail
@@ -293,7 +352,11 @@ def score_records(records: Iterable[dict], scorer, progress: bool = True, desc: 
 
 
 __all__ = [
+    "AutoRuleScorer",
     "LIST_RUBRIC",
+    "MMLBRuleScorer",
+    "MMLB_DATASET_KEYS",
+    "is_mmlb_dataset",
     "LLMJudge",
     "JudgeError",
     "RUBRIC_VERSION",
