@@ -11,6 +11,9 @@ token of another packed document. Backends, fastest first:
 
 ``select_backend`` picks the first that can run the given tensors; ``VLM_ATTN_BACKEND`` in the
 environment (or the ``backend`` argument) forces one, and forcing an unusable one is an error.
+
+``cached_attention`` is the inference counterpart (KV-cache decoding): new queries attend to the
+cached keys/values of earlier tokens plus their own (one SDPA call, any device and dtype).
 """
 
 from __future__ import annotations
@@ -141,3 +144,33 @@ def _sdpa_per_document(q, k, v, cu_seqlens, causal, scale):
         od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=scale, enable_gqa=gqa)
         out[start:end] = od.transpose(0, 1)
     return out
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of ``s`` new tokens to a key/value cache that already holds them (decoding).
+
+    q: [B, Hq, s, D], the queries of the last ``s`` tokens; k, v: [B, Hkv, L, D] with L >= s, the
+    cache including those tokens (Hq a multiple of Hkv: GQA). Query ``i`` of the ``s`` attends to
+    keys ``0 .. L - s + i`` (causal, aligned to the end). One new token (s = 1) attends to all L
+    keys without a mask. Returns [B, Hq, s, D].
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"cached_attention wants [B, H, S, D] tensors, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key heads ({k.shape[1]})")
+    s, total = q.shape[2], k.shape[2]
+    if s > total:
+        raise ValueError(f"{s} queries but only {total} cached keys: append the new keys first")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    mask = None
+    if s > 1:  # bottom-right causal mask: query i sees the past and new tokens 0..i
+        rows = torch.arange(s, device=q.device)[:, None] + (total - s)
+        mask = torch.arange(total, device=q.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])

@@ -9,6 +9,11 @@ pieces are ours, because Megatron's versions assume CUDA and one long sequence:
 * ``VarlenCoreAttention``, which attends within each packed document (``cu_seqlens``) through the
   backends of ``models/attention.py``.
 
+Inference (greedy evaluation) passes a ``KVCache`` as Megatron's ``inference_context``: the first
+forward (prefill) attends causally over the prompt through ``VarlenCoreAttention`` and stores every
+layer's keys (after mRoPE) and values; later forwards (decode) feed only the new tokens, which
+attend to the cache through ``attention.cached_attention``. Training never passes one.
+
 Parameter names follow Megatron's GPTModel (``embedding.word_embeddings``, ``decoder.layers.N...``,
 ``decoder.final_layernorm``, ``output_layer``) so Megatron users recognise the checkpoints.
 """
@@ -36,7 +41,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_vlm.config import LanguageConfig
 from megatron_vlm.kernels.mrope import MRope, inverse_frequencies
-from megatron_vlm.models.attention import varlen_attention
+from megatron_vlm.models.attention import cached_attention, varlen_attention
 from megatron_vlm.models.norms import RMSNorm
 from megatron_vlm.parallel.context_parallel import ulysses_attention
 
@@ -127,6 +132,58 @@ class VarlenCoreAttention(MegatronModule):
         return out.reshape(batch, seq, heads * dim).transpose(0, 1).contiguous()
 
 
+class KVCache:
+    """Keys (after mRoPE) and values of every decoder layer for the tokens seen so far.
+
+    A small explicit cache for greedy decoding, passed to the decoder as ``inference_context``.
+    Per layer one preallocated buffer pair [B, Hkv, capacity, D] (this rank's KV heads: under
+    TP each rank caches its own shard); it grows (doubling) when a forward would overflow it.
+    Every layer appends its new K/V at ``length`` during a forward; ``advance`` (called by the
+    language model after the whole decoder ran) commits them.
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.capacity = int(capacity)
+        self.length = 0  # tokens committed
+
+    # Megatron's TransformerLayer/Block may ask these of an inference context.
+    def is_static_batching(self) -> bool:
+        return True
+
+    def is_decode_only(self) -> bool:
+        return self.length > 0
+
+    def _ensure(self, layer: int, key: torch.Tensor, needed: int) -> None:
+        buf = self.keys[layer]
+        if buf is not None and buf.shape[2] >= needed:
+            return
+        batch, heads, dim = key.shape[1], key.shape[2], key.shape[3]
+        capacity = max(needed, self.capacity, 2 * (buf.shape[2] if buf is not None else 0))
+        new_k = key.new_empty(batch, heads, capacity, dim)
+        new_v = key.new_empty(batch, heads, capacity, dim)
+        if buf is not None:
+            new_k[:, :, :self.length] = buf[:, :, :self.length]
+            new_v[:, :, :self.length] = self.values[layer][:, :, :self.length]
+        self.keys[layer], self.values[layer] = new_k, new_v
+        self.capacity = capacity
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append one layer's new key/value [S, B, Hkv, D]; returns the layer's cache [B, Hkv, L, D]
+        (views, L = length + S) including them."""
+        seq = key.shape[0]
+        end = self.length + seq
+        self._ensure(layer, key, end)
+        k_buf, v_buf = self.keys[layer], self.values[layer]
+        k_buf[:, :, self.length:end] = key.permute(1, 2, 0, 3)
+        v_buf[:, :, self.length:end] = value.permute(1, 2, 0, 3)
+        return k_buf[:, :, :end], v_buf[:, :, :end]
+
+    def advance(self, tokens: int) -> None:
+        self.length += int(tokens)
+
+
 class MRopeSelfAttention(SelfAttention):
     """Self-attention with multimodal rotary embedding.
 
@@ -138,7 +195,7 @@ class MRopeSelfAttention(SelfAttention):
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None,
                 attention_bias=None, packed_seq_params=None, sequence_len_offset=None, **unused):
         if inference_context is not None:
-            raise NotImplementedError("KV-cache inference is not supported; decode by full recompute")
+            return self._forward_cached(hidden_states, inference_context, rotary_pos_emb)
         query, key, value = self.get_query_key_value_tensors(hidden_states, None)
         # value is a view of the fused qkv output; a copy lets that whole buffer go after the
         # forward instead of being kept for backward (2(H + kv) bytes per token per layer)
@@ -147,6 +204,26 @@ class MRopeSelfAttention(SelfAttention):
             query, key = rotary_pos_emb.apply(query, key)
         context = self.core_attention(query, key, value, attention_mask,
                                       attn_mask_type=self.attn_mask_type, packed_seq_params=packed_seq_params)
+        return self.linear_proj(context)
+
+    def _forward_cached(self, hidden_states, cache: "KVCache", rotary_pos_emb):
+        """Inference with a ``KVCache``: the prompt (empty cache) through the same causal core
+        attention as training, later tokens against the cached keys/values."""
+        if not isinstance(cache, KVCache):
+            raise NotImplementedError(f"MRopeSelfAttention decodes with a KVCache, not {type(cache).__name__}")
+        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        if rotary_pos_emb is not None:
+            query, key = rotary_pos_emb.apply(query, key)
+        past = cache.length
+        keys, values = cache.update(self.layer_number - 1, key, value)
+        if past == 0:
+            context = self.core_attention(query, key, value.contiguous(), None,
+                                          attn_mask_type=self.attn_mask_type, packed_seq_params=None)
+        else:
+            seq, batch = query.shape[:2]
+            out = cached_attention(query.permute(1, 2, 0, 3), keys, values,
+                                   softmax_scale=self.core_attention.softmax_scale)  # [B, Hq, S, D]
+            context = out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
         return self.linear_proj(context)
 
 
@@ -254,16 +331,26 @@ class Qwen25LanguageModel(MegatronModule):
 
     def forward(self, decoder_input: torch.Tensor, position_ids: torch.Tensor,
                 packed_seq_params: Optional[PackedSeqParams] = None,
-                output_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                output_index: Optional[torch.Tensor] = None,
+                inference_context: Optional[KVCache] = None) -> torch.Tensor:
         """[S, B, H] input embeddings -> [S, B, V / tp] logits (this rank's vocabulary shard).
 
         ``output_index`` (sequence positions) projects only those hidden states to the vocabulary:
         LongPT supervises a short answer after ~128K tokens of pages, and full-row logits would
         be the largest tensor of the step (128K x 152K).
+        ``inference_context`` (a ``KVCache``, inference only) appends these tokens' keys/values to
+        the cache and attends to what it already holds (one unpacked sequence per batch row).
         """
         rotary = self.rotary(position_ids, decoder_input.dtype)
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
-                              packed_seq_params=packed_seq_params)
+        if inference_context is None:
+            hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
+                                  packed_seq_params=packed_seq_params)
+        else:
+            if packed_seq_params is not None:
+                raise NotImplementedError("KV-cache inference runs unpacked sequences (no packed_seq_params)")
+            hidden = self.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary,
+                                  inference_context=inference_context)
+            inference_context.advance(decoder_input.shape[0])
         if output_index is not None:
             hidden = hidden.index_select(0, output_index)
         weight = self.embedding.word_embeddings.weight if self.lm.tie_word_embeddings else None

@@ -16,7 +16,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config import Qwen25VLConfig
-from megatron_vlm.models.language import Qwen25LanguageModel, language_transformer_config
+from megatron_vlm.models.language import KVCache, Qwen25LanguageModel, language_transformer_config
 from megatron_vlm.models.vision import Qwen25VisionModel
 from megatron_vlm.parallel.context_parallel import gather_image_embeddings
 
@@ -109,6 +109,42 @@ class Qwen25VLModel(MegatronModule):
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1))
         return loss.transpose(0, 1)
 
+    # ------------------------------------------------------------------ inference (KV cache)
+    def new_kv_cache(self, capacity: int = 0) -> KVCache:
+        """An empty ``KVCache`` for this model's decoder (preallocated to ``capacity`` tokens on the
+        first forward; it grows past that when needed)."""
+        return KVCache(len(self.language_model.decoder.layers), capacity)
+
+    @torch.no_grad()
+    def forward_cached(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        output_index: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Inference step with a KV cache: logits [B, K, V/tp] of the new tokens at ``output_index``
+        (default: the last one, K = 1).
+
+        Prefill: the prompt's ``input_ids`` [B, S] and positions [3, B, S] with its images
+        (encoded here, once) into an empty ``cache``. Decode: only the new tokens [B, s] (s = 1
+        for greedy) with their positions; they attend to everything the cache holds. For
+        Qwen2.5-VL a generated text token continues at max(prompt positions) + 1 + k on all three
+        axes. Images must come with the tokens they fill (normally the prompt). No packing, no
+        context parallelism; under TP each rank caches its own KV heads.
+        """
+        embeddings = self.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            image_embeddings = self.vision(pixel_values, image_grid_thw)
+            embeddings = scatter_image_embeddings(embeddings, input_ids, image_embeddings,
+                                                  self.model_config.image_token_id)
+        if output_index is None:
+            output_index = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
+        logits = self.language_model(embeddings, position_ids, output_index=output_index,
+                                     inference_context=cache)
+        return logits.transpose(0, 1)
 
     def _vision_in_graph(self, device: torch.device) -> torch.Tensor:
         """A zero that ran through the whole vision tower (one minimal 2x2-patch image).
