@@ -9,8 +9,9 @@
   never logged.
 * ``hf:HF_DIR[,dtype=fp32|bf16][,device=cuda|cpu]`` (alias ``transformers``) -- ``Qwen2_5_VLForConditionalGeneration``
   with transformers' own image processor and ``generate`` (greedy, KV cache).
-* ``megatron:MODEL_DIR[,dtype=...][,device=cuda|cpu]`` -- our model from ``checkpoint.convert.load_model_dir``, greedy
-  decoding by full recompute (one forward over the whole sequence per new token: slow, exact).
+* ``megatron:MODEL_DIR[,dtype=...][,device=cuda|cpu]`` -- our model from ``checkpoint.convert.load_model_dir``
+  (TP=1, one process), greedy with a KV cache: one prefill over the prompt (the vision tower runs
+  once), then one token per decode step against the cached keys/values.
 
 The two local backends share only the prompt text; images, positions and decoding are independent
 implementations, so their agreement is a test of both.
@@ -345,8 +346,16 @@ class TransformersBackend:
 
 
 class MegatronBackend:
-    """Our model, greedy by full recompute: every step runs the whole sequence (images included)
-    and projects only the last position to the vocabulary."""
+    """Our model, greedy with a KV cache (``Qwen25VLModel.forward_cached``): one prefill runs the
+    prompt with its images (the vision tower once per prompt) and caches every layer's keys/values;
+    each decode step feeds one token at its mRoPE position (max prompt position + 1 + k on all three
+    axes, as transformers' ``rope_deltas``) and projects only it to the vocabulary.
+
+    TP=1 in one process: the model is loaded unsharded (``load_model_dir`` default); a checkpoint
+    converted for TP>1 loads at TP=1 too. ``generate_ids_recompute`` keeps the old full-recompute
+    loop (every step reruns the whole sequence, images included) as a reference for tests and
+    ``tools/bench/generate.py``.
+    """
 
     parallel = 1
 
@@ -387,15 +396,46 @@ class MegatronBackend:
         return (torch.tensor(expanded, dtype=torch.long), torch.from_numpy(pixels).to(self.dtype),
                 torch.from_numpy(grid))
 
+    def _device_inputs(self, instance: Instance):
+        ids, pixels, grid = self.inputs(instance)
+        if pixels is not None:
+            pixels, grid = pixels.to(self.device), grid.to(self.device)
+        return ids.to(self.device), pixels, grid
+
     @torch.no_grad()
     def generate_ids(self, instance: Instance) -> list[int]:
         from megatron_vlm.data.rope_index import mrope_positions
         from megatron_vlm.models.qwen2_5_vl import gather_logits
 
-        ids, pixels, grid = self.inputs(instance)
-        if pixels is not None:
-            pixels, grid = pixels.to(self.device), grid.to(self.device)
-        ids = ids.to(self.device)
+        ids, pixels, grid = self._device_inputs(instance)
+        if self.cfg.max_new_tokens <= 0:
+            return []
+        positions = mrope_positions(ids, grid).to(self.device)  # [3, S]
+        cache = self.model.new_kv_cache(capacity=ids.numel() + self.cfg.max_new_tokens)
+        logits = self.model.forward_cached(ids[None], positions[:, None, :], cache, pixels, grid)
+        next_position = int(positions.max()) + 1  # text after the prompt: +1 on all three axes
+        new: list[int] = []
+        while True:
+            token = int(gather_logits(logits)[0, -1].float().argmax())
+            if token in self.stop:
+                break
+            new.append(token)
+            if len(new) >= self.cfg.max_new_tokens:
+                break
+            step_ids = torch.tensor([[token]], device=self.device)
+            step_positions = torch.full((3, 1, 1), next_position, dtype=torch.long, device=self.device)
+            logits = self.model.forward_cached(step_ids, step_positions, cache)
+            next_position += 1
+        return new
+
+    @torch.no_grad()
+    def generate_ids_recompute(self, instance: Instance) -> list[int]:
+        """Reference greedy loop without a cache: every step reruns the whole sequence (vision tower
+        included) and projects the last position. Slow (quadratic); for tests and benchmarks."""
+        from megatron_vlm.data.rope_index import mrope_positions
+        from megatron_vlm.models.qwen2_5_vl import gather_logits
+
+        ids, pixels, grid = self._device_inputs(instance)
         new: list[int] = []
         for _ in range(self.cfg.max_new_tokens):
             positions = mrope_positions(ids, grid)[:, None, :]
