@@ -3,9 +3,16 @@ models side by side, as JSON, Markdown and a PNG of score vs length.
 
 Averages: the score of a dataset at a length is the mean of its examples' scores (x100); a
 length's AVG is the macro average over the suite's datasets; the overall AVG is the macro
-average over lengths (``overall_lengths``, all lengths by default; the paper uses 64K and 128K).
-Document QA and needle-in-a-haystack are separate suites with separate averages. The first
-model (or ``baseline``) is the reference that every other model's difference is shown against.
+average over lengths (``overall_lengths``; by default 64K and 128K as the paper, or those of the
+two that were run, else every length). Document QA and needle-in-a-haystack are separate suites
+with separate averages. The first model (or ``baseline``) is the reference that every other
+model's difference is shown against.
+
+The document-QA suite also gets the paper's own layout (``paper_tables``): Table 4 (64K and 128K:
+MMLB-D, LD-URL, SLIDE and AVG. at each length, then AVG. over the two lengths) and Table 5 (the
+same at 256K and 512K), each only where one of its lengths was run. Columns are named as the
+paper's, flattened to one header row ("64K MMLB-D", ..., "128K AVG.", "AVG."); datasets other than
+MMLongBench's three keep their names and follow them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,11 @@ from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
 from megatron_vlm.eval.build import format_length, parse_length
 
 SUITE_TITLES = {"docqa": "Long-document VQA (MMLongBench-style)", "niah": "Needle in a haystack"}
+# the paper's column names of MMLongBench's document-QA datasets, in the paper's order
+PAPER_DATASET_NAMES = {"mmlongdoc": "MMLB-D", "longdocurl": "LD-URL", "slidevqa": "SLIDE"}
+# (table, its lengths): Table 4 reports 64K and 128K, Table 5 256K and 512K; AVG. is over those two
+PAPER_TABLES = (("Table 4", (64 * 1024, 128 * 1024)), ("Table 5", (256 * 1024, 512 * 1024)))
+PAPER_OVERALL_LENGTHS = PAPER_TABLES[0][1]
 
 
 def _mean(values: Sequence[float]) -> Optional[float]:
@@ -44,7 +56,7 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
         if r["dataset"] not in suites[suite]:
             suites[suite].append(r["dataset"])
         cells[(r["model"], r["dataset"], int(r["length"]))].append(r)
-    over = [n for n in (overall_lengths or lengths) if n in lengths] or lengths
+    over = [n for n in (overall_lengths or PAPER_OVERALL_LENGTHS) if n in lengths] or lengths
     base = baseline if baseline in model_order else (model_order[0] if model_order else None)
     report: dict = {"models": model_order, "baseline": base, "lengths": lengths,
                     "length_labels": [format_length(n) for n in lengths], "overall_lengths": over, "suites": {}}
@@ -65,6 +77,7 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                         "errors": sum(1 for r in rs if r.get("error")),
                         "empty": sum(1 for r in rs if r.get("scored_by") == "empty"),
                         "judge_fallbacks": sum(1 for r in rs if str(r.get("scored_by", "")).startswith("rules (")),
+                        "judge_unparsed": sum(1 for r in rs if "(reply unparsed" in str(r.get("scored_by", ""))),
                         "mean_tokens": _mean([float(r.get("num_tokens") or 0) for r in rs]),
                     }
                     depths = defaultdict(list)
@@ -80,9 +93,65 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                              if per_length.get(format_length(n), {}).get("AVG") is not None])
             table[model] = {"lengths": per_length, "overall": overall}
         report["suites"][suite] = {"title": SUITE_TITLES[suite], "datasets": datasets, "models": table}
+        if suite == "docqa":
+            report["suites"][suite]["paper_tables"] = paper_tables(table, datasets, lengths)
     if dropped:
         report["dropped"] = dropped
     return report
+
+
+def paper_dataset_order(datasets: Sequence[str]) -> list[str]:
+    """MMLongBench's three in the paper's order (MMLB-D, LD-URL, SLIDE), then the others by name."""
+    known = [d for name in PAPER_DATASET_NAMES for d in datasets if d == name]
+    return known + sorted(d for d in datasets if d not in known)
+
+
+def paper_tables(table: dict, datasets: Sequence[str], lengths: Sequence[int]) -> list[dict]:
+    """The paper's Tables 4-5 from one suite's per-model results: per table, its ``columns`` and a
+    row per model (``rows[model][column]``, None where nothing was scored); ``incomplete`` names
+    the AVG. cells that miss a dataset."""
+    order = paper_dataset_order(datasets)
+    out = []
+    for name, table_lengths in PAPER_TABLES:
+        present = [n for n in table_lengths if n in lengths]
+        if not present:
+            continue
+        columns = [f"{format_length(n)} {PAPER_DATASET_NAMES.get(ds, ds)}" for n in present for ds in order + ["AVG."]]
+        columns.append("AVG.")
+        rows, incomplete = {}, {}
+        for model, data in table.items():
+            row: dict = {}
+            for n in present:
+                lab = format_length(n)
+                entry = data["lengths"].get(lab, {"datasets": {}, "AVG": None, "complete": False})
+                for ds in order:
+                    row[f"{lab} {PAPER_DATASET_NAMES.get(ds, ds)}"] = entry["datasets"].get(ds, {}).get("score")
+                row[f"{lab} AVG."] = entry["AVG"]
+                if entry["AVG"] is not None and not entry.get("complete", True):
+                    incomplete.setdefault(model, []).append(f"{lab} AVG.")
+            row["AVG."] = _mean([row[f"{format_length(n)} AVG."] for n in present
+                                 if row[f"{format_length(n)} AVG."] is not None])
+            if row["AVG."] is not None and (incomplete.get(model) or
+                                            any(row[f"{format_length(n)} AVG."] is None for n in present)):
+                incomplete.setdefault(model, []).append("AVG.")
+            rows[model] = row
+        out.append({"table": name, "lengths": [format_length(n) for n in present], "datasets": order,
+                    "columns": columns, "rows": rows, "incomplete": incomplete})
+    return out
+
+
+def render_paper_table(paper: dict) -> list[str]:
+    """Markdown lines of one paper table (an incomplete AVG. is marked with *)."""
+    lines = [f"### {paper['table']} layout ({', '.join(paper['lengths'])}; AVG. over "
+             f"{' and '.join(paper['lengths'])})", "", "| Model | " + " | ".join(paper["columns"]) + " |",
+             "|---" * (len(paper["columns"]) + 1) + "|"]
+    for model, row in paper["rows"].items():
+        marks = set(paper["incomplete"].get(model, ()))
+        cells = [_fmt(row.get(c)) + ("*" if c in marks else "") for c in paper["columns"]]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    if paper["incomplete"]:
+        lines += ["", "\\* averages over what was scored: a dataset or length is missing."]
+    return lines + [""]
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -104,7 +173,10 @@ def render_markdown(report: dict) -> str:
     lines.append("")
     for suite in report["suites"].values():
         models, datasets, base = suite["models"], suite["datasets"], report["baseline"]
-        lines += [f"## {suite['title']}", "", "### Average by length", ""]
+        lines += [f"## {suite['title']}", ""]
+        for paper in suite.get("paper_tables", ()):
+            lines += render_paper_table(paper)
+        lines += ["### Average by length", ""]
         lines.append("| model | " + " | ".join(labels) + " | overall |")
         lines.append("|---" * (len(labels) + 2) + "|")
         for model, data in models.items():
@@ -127,13 +199,14 @@ def render_markdown(report: dict) -> str:
                 cells = [_fmt(entry["datasets"].get(ds, {}).get("score")) for ds in datasets]
                 lines.append(f"| {model} | " + " | ".join(cells) + f" | {_fmt(entry['AVG'])} |")
             lines.append("")
-        lines += ["### Counts", "", "| model | dataset | length | n | mean tokens | errors | empty | judge fallbacks |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["### Counts", "", "| model | dataset | length | n | mean tokens | errors | empty | judge fallbacks "
+                  "| unparsed judge replies |", "|---|---|---|---|---|---|---|---|---|"]
         for model, data in models.items():
             for lab in labels:
                 for ds, cell in data["lengths"].get(lab, {"datasets": {}})["datasets"].items():
                     lines.append(f"| {model} | {ds} | {lab} | {cell['n']} | {cell['mean_tokens']:.0f} | "
-                                 f"{cell['errors']} | {cell['empty']} | {cell['judge_fallbacks']} |")
+                                 f"{cell['errors']} | {cell['empty']} | {cell['judge_fallbacks']} | "
+                                 f"{cell.get('judge_unparsed', 0)} |")
         depth_rows = [(m, lab, ds, c["by_depth"]) for m, d in models.items() for lab in labels
                       for ds, c in d["lengths"].get(lab, {"datasets": {}})["datasets"].items() if "by_depth" in c]
         if depth_rows:
@@ -253,4 +326,5 @@ def write_report(records: Iterable[dict], out_dir: str, models: Optional[Sequenc
     return report
 
 
-__all__ = ["model_styles", "plot_curves", "plot_panels", "render_markdown", "summarize", "write_report"]
+__all__ = ["PAPER_DATASET_NAMES", "PAPER_TABLES", "model_styles", "paper_dataset_order", "paper_tables",
+           "plot_curves", "plot_panels", "render_markdown", "render_paper_table", "summarize", "write_report"]

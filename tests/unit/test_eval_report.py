@@ -34,7 +34,7 @@ def test_report(tmp_path):
     assert doc["B"]["lengths"]["16K"]["complete"] is False and doc["A"]["lengths"]["16K"]["complete"] is True
     cell = doc["A"]["lengths"]["8K"]["datasets"]["d1"]
     assert cell == {"score": pytest.approx(50), "n": 2, "errors": 1, "empty": 0, "judge_fallbacks": 0,
-                    "mean_tokens": pytest.approx(8092)}
+                    "judge_unparsed": 0, "mean_tokens": pytest.approx(8092)}
     assert doc["A"]["lengths"]["16K"]["datasets"]["d1"]["empty"] == 1
     assert doc["B"]["lengths"]["16K"]["datasets"]["d1"]["judge_fallbacks"] == 1
     niah = report["suites"]["niah"]["models"]["A"]["lengths"]["8K"]
@@ -50,3 +50,60 @@ def test_report(tmp_path):
     assert "| Δ A − B |" in render_markdown(only16)
     image = Image.open(tmp_path / "eval_curve.png")
     assert image.format == "PNG" and image.size[0] >= 800
+
+
+def _paper_records():
+    """Two models, MMLongBench's three datasets at 8K, 64K, 128K and 256K (no 512K); each cell is
+    the mean of its records' scores x100."""
+    scores = {  # (model, dataset, length) -> record scores
+        ("M", "mmlongdoc", 65536): [1, 0, 0, 1],   # 50
+        ("M", "longdocurl", 65536): [1, 1, 0, 0.5],  # 62.5
+        ("M", "slidevqa", 65536): [1, 1, 1, 0],    # 75      -> 64K AVG. (50 + 62.5 + 75) / 3 = 62.5
+        ("M", "mmlongdoc", 131072): [0, 1],        # 50
+        ("M", "longdocurl", 131072): [0.25, 0.25],  # 25
+        ("M", "slidevqa", 131072): [1, 1],         # 100     -> 128K AVG. 175 / 3 = 58.333..
+        ("M", "mmlongdoc", 262144): [0],           # 0
+        ("M", "longdocurl", 262144): [1],          # 100
+        ("M", "slidevqa", 262144): [0.5],          # 50      -> 256K AVG. 50; Table 5 AVG. = 50 (no 512K)
+        ("M", "mmlongdoc", 8192): [1],             # 8K: not in the paper tables
+        ("base", "mmlongdoc", 65536): [0, 0],      # 0
+        ("base", "longdocurl", 65536): [1, 0],     # 50
+        ("base", "slidevqa", 65536): [1],          # 100     -> 64K AVG. 50
+        ("base", "mmlongdoc", 131072): [0.5],      # 50
+        ("base", "longdocurl", 131072): [0],       # 0       -> no SLIDE at 128K: AVG. 25 over two (incomplete)
+    }
+    return [rec(m, ds, n, float(x)) for (m, ds, n), xs in scores.items() for x in xs]
+
+
+def test_paper_tables(tmp_path):
+    report = write_report(_paper_records(), str(tmp_path), models=["M", "base"], plot=False)
+    suite = report["suites"]["docqa"]
+    t4, t5 = suite["paper_tables"]
+    assert t4["table"] == "Table 4" and t4["lengths"] == ["64K", "128K"]
+    assert t4["columns"] == ["64K MMLB-D", "64K LD-URL", "64K SLIDE", "64K AVG.",
+                             "128K MMLB-D", "128K LD-URL", "128K SLIDE", "128K AVG.", "AVG."]
+    m = t4["rows"]["M"]
+    assert [m[c] for c in t4["columns"]] == pytest.approx([50, 62.5, 75, 62.5, 50, 25, 100, 175 / 3,
+                                                           (62.5 + 175 / 3) / 2])
+    b = t4["rows"]["base"]
+    assert b["128K SLIDE"] is None and b["128K AVG."] == pytest.approx(25) and b["AVG."] == pytest.approx(37.5)
+    assert t4["incomplete"] == {"base": ["128K AVG.", "AVG."]}
+    # Table 5: only 256K was run; its AVG. is over what is there
+    assert t5["lengths"] == ["256K"]
+    assert t5["columns"] == ["256K MMLB-D", "256K LD-URL", "256K SLIDE", "256K AVG.", "AVG."]
+    assert [t5["rows"]["M"][c] for c in t5["columns"]] == pytest.approx([0, 100, 50, 50, 50])
+    assert t5["rows"]["base"]["AVG."] is None
+    # the overall AVG defaults to the paper's 64K and 128K, not every length run
+    assert report["overall_lengths"] == [65536, 131072]
+    assert suite["models"]["M"]["overall"] == pytest.approx((62.5 + 175 / 3) / 2)
+    md = (tmp_path / "report.md").read_text()
+    assert "| Model | 64K MMLB-D | 64K LD-URL | 64K SLIDE | 64K AVG. | 128K MMLB-D | 128K LD-URL | 128K SLIDE " \
+           "| 128K AVG. | AVG. |" in md
+    assert "| M | 50.00 | 62.50 | 75.00 | 62.50 | 50.00 | 25.00 | 100.00 | 58.33 | 60.42 |" in md
+    assert "| base | 0.00 | 50.00 | 100.00 | 50.00 | 50.00 | 0.00 | – | 25.00* | 37.50* |" in md
+    assert "| M | 0.00 | 100.00 | 50.00 | 50.00 | 50.00 |" in md  # Table 5 layout
+    assert md.index("Table 4 layout") < md.index("Table 5 layout") < md.index("Average by length")
+    # no 64K-512K run: no paper table; the overall AVG is over every length
+    short = write_report([rec("M", "mmlongdoc", 8192, 1.0), rec("M", "mmlongdoc", 16384, 0.0)],
+                         str(tmp_path / "s"), plot=False)
+    assert short["suites"]["docqa"]["paper_tables"] == [] and short["overall_lengths"] == [8192, 16384]
