@@ -2,7 +2,8 @@
 """Long-document VQA evaluation at 8K-512K (MMLongBench-style), several models side by side.
 
   python tools/evaluate.py --data SPEC [--data SPEC ...] --lengths 8K,16K,32K,64K,128K,256K,512K \\
-      --model [NAME=]BACKEND:PATH_OR_URL [--model ...] [--judge openai:URL[,model=NAME] | mmlb-rules | rules] \\
+      --model [NAME=]BACKEND:PATH_OR_URL [--model ...] \\
+      [--judge mmlb:URL[,model=NAME],prompts=MMLONGBENCH_DIR | openai:URL[,model=NAME] | mmlb-rules | rules] \\
       [--limit N] [--output DIR] [--seed 0] [--max-new-tokens 128] [--parallel 8] [--max-pixels N]
   python tools/evaluate.py score --predictions FILE.jsonl [--judge ...] [--output DIR]
   python tools/evaluate.py holdout --pool POOL --num-docs N --output eval_hashes.txt
@@ -43,9 +44,10 @@ SUBCOMMANDS = ("run", "score", "holdout")
 # ------------------------------------------------------------------------- arguments
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", default="auto",
-                   help="openai:URL[,model=NAME] for an LLM judge on an OpenAI-compatible endpoint; mmlb-rules "
-                        "(MMLongBench's official rule metric), rules (ours), or auto: mmlb-rules for MMLongBench "
-                        "datasets, rules for the others")
+                   help="mmlb:URL[,model=NAME],prompts=DIR: MMLongBench v1.1's LLM judge (the paper's score) with "
+                        "the prompts of your MMLongBench checkout DIR; openai:URL[,model=NAME]: our LLM judge; "
+                        "mmlb-rules (MMLongBench's official rule metric), rules (ours), or auto: mmlb-rules for "
+                        "MMLongBench datasets, rules for the others")
     p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable with the judge's API key")
     p.add_argument("--judge-parallel", type=int, default=4, help="judge requests at once")
@@ -79,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tokenizer", default=None, help="tokenizer folder for token counts (None: Qwen2.5-VL's, built offline)")
     run.add_argument("--training-pool", action="append", default=[], metavar="POOL",
                      help="a training pool: its documents (by SHA-256) are never evaluated on or used as negatives")
-    run.add_argument("--overall-lengths", default=None, help="lengths of the overall average (None: all)")
+    run.add_argument("--overall-lengths", default=None,
+                     help="lengths of the overall average (None: 64K and 128K as the paper, else all)")
     run.add_argument("--no-published", action="store_true",
                      help="build every length ourselves even where an MMLongBench file for it exists")
     run.add_argument("--keep-errors", action="store_true", help="on resume, do not retry failed generations")
@@ -272,6 +275,8 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
                       "answer_format": inst.answer_format, "prediction": prediction.strip(), "error": error,
                       "seconds": round(time.time() - start, 3), "gold_doc_id": inst.gold_doc_id,
                       "evidence_pages": inst.evidence_pages, **inst.summary()}
+            if inst.meta.get("doc_name") is not None:  # the judge's question names it (MMLongBench)
+                record["doc_name"] = inst.meta["doc_name"]
             if inst.meta.get("depth") is not None:
                 record["depth"] = inst.meta["depth"]
             return record
@@ -294,7 +299,14 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
         errors = sum(1 for i in todo if done[(i.key, fingerprints[i.key])].get("error"))
         if errors:
             print(f"[{spec.name}] {errors} generation(s) failed (scored 0; rerun to retry them)", file=sys.stderr)
-    return [done[(i.key, fingerprints[i.key])] for i in instances]
+    return [_with_doc_name(done[(i.key, fingerprints[i.key])], i) for i in instances]
+
+
+def _with_doc_name(record: dict, inst) -> dict:
+    """Predictions written before records carried ``doc_name`` get it from their instance."""
+    if "doc_name" in record or inst.meta.get("doc_name") is None:
+        return record
+    return dict(record, doc_name=inst.meta["doc_name"])
 
 
 def run(args) -> int:
@@ -430,6 +442,10 @@ def score(args) -> int:
     fallbacks = sum(1 for r in scored if str(r.get("scored_by", "")).startswith("rules ("))
     if fallbacks:
         print(f"{fallbacks} record(s) scored by the rules because the judge's reply was unusable", file=sys.stderr)
+    unparsed = sum(1 for r in scored if "(reply unparsed" in str(r.get("scored_by", "")))
+    if unparsed:
+        print(f"{unparsed} record(s) scored 0 because the judge's reply could not be parsed (MMLongBench's rule)",
+              file=sys.stderr)
     if bad:
         print(f"{len(bad)} line(s) skipped (listed above)", file=sys.stderr)
     mean = sum(r["score"] for r in scored) / len(scored)

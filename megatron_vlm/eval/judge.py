@@ -10,9 +10,13 @@ The judge follows the rubric of the paper's Appendix B.1 (prompts written here i
 Replies are parsed from the last JSON object in the text. A reply without a usable one is asked
 again (bounded); if it still fails, that record is scored by the rules and marked
 ``scored_by: "rules (judge reply unusable)"``. Every judge reply is appended to a JSONL cache
-keyed by (rubric version, judge model, question, answer, format, prediction), so a killed run
-resumes and re-scoring old predictions costs nothing twice. The API key comes from the
+(:class:`JudgeCache`) keyed by (rubric version, judge model, question, answer, format, prediction),
+so a killed run resumes and re-scoring old predictions costs nothing twice; identical keys judged
+in parallel send one request (the others wait for its answer). The API key comes from the
 environment and is never written anywhere.
+
+``mmlb:URL[,model=NAME],prompts=DIR`` is MMLongBench v1.1's own LLM judge, with the benchmark's
+prompts read from the user's checkout at run time (``megatron_vlm/eval/mmlb_judge.py``).
 
 Rule scorers (no endpoint): ``rules`` (ours, ``scoring.score_answer``) and ``mmlb-rules``
 (MMLongBench's official docqa rule metric, ``mmlb_rules.score_mmlb``). Without ``--judge``
@@ -26,7 +30,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Protocol
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 from megatron_vlm.eval.backends import BackendError, OpenAIClient
 from megatron_vlm.eval.scoring import (clean_prediction, f1_from_counts, gold_is_not_answerable, normalize_format,
@@ -97,16 +101,20 @@ class RuleScorer:
 
 
 class MMLBRuleScorer:
-    """MMLongBench's own rule-based docqa score (parsing after "Answer:" included)."""
+    """MMLongBench's own rule-based docqa score (parsing after "Answer:" included). Like the official
+    run (eval.py, eval_api.py: the "Answer:" of the prompt is prepended to every output before
+    parsing), the prediction is read after an "Answer:" put in front of it, so a later "answer:"
+    inside the model's text does not cut it."""
 
     name = "mmlb-rules"
     parallel = 1
 
     def score(self, question: str, answer: Any, answer_format: str, prediction: str) -> ScoreResult:
-        from megatron_vlm.eval.mmlb_rules import parse_answer, score_mmlb
+        from megatron_vlm.eval.mmlb_rules import ANSWER_PREFIX, parse_answer, score_mmlb
 
-        value, note = score_mmlb(prediction, answer, normalize_format(answer_format))
-        if not parse_answer(prediction):
+        output = ANSWER_PREFIX + (prediction or "")
+        value, note = score_mmlb(output, answer, normalize_format(answer_format))
+        if not parse_answer(output):
             return ScoreResult(value, "empty")
         if note:
             return ScoreResult(value, "mmlb-rules (gold read as a string)", {"note": note})
@@ -144,6 +152,80 @@ class AutoRuleScorer:
 
 class JudgeError(RuntimeError):
     """The judge endpoint cannot be reached; the cache keeps what was judged, rerun to resume."""
+
+
+class _Pending:
+    __slots__ = ("event", "entry", "error")
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.entry: Optional[dict] = None
+        self.error: Optional[BaseException] = None
+
+
+class JudgeCache:
+    """Judged answers by key: read from a JSONL file at start (resume), appended as they come, and
+    computed once per key. A caller asking for a key that another thread is judging waits for that
+    answer instead of sending the same request; if that request fails, every waiter gets its error."""
+
+    def __init__(self, path: Optional[str] = None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._appender = None
+        if path:
+            from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
+
+            for entry in read_jsonl(path, repair=True):
+                if isinstance(entry, dict) and "key" in entry:
+                    self._entries[entry["key"]] = entry
+            self._appender = JsonlAppender(path, fsync=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Optional[dict]:
+        with self._lock:
+            return self._entries.get(key)
+
+    def once(self, key: str, compute: Callable[[], dict]) -> tuple[dict, str]:
+        """(entry, how): ``how`` is "cache" (on disk or judged before), "shared" (waited for the
+        same key judged by another thread) or "new" (``compute()`` ran here, its entry stored)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                return entry, "cache"
+            pending = self._pending.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._pending[key] = _Pending()
+        if not owner:
+            pending.event.wait()
+            if pending.error is not None:
+                raise pending.error
+            return pending.entry, "shared"
+        try:
+            entry = dict(compute(), key=key)
+        except BaseException as err:
+            pending.error = err
+            with self._lock:
+                del self._pending[key]
+            pending.event.set()
+            raise
+        with self._lock:
+            self._entries[key] = entry
+            if self._appender is not None:
+                self._appender.append(entry)
+            del self._pending[key]
+        pending.entry = entry
+        pending.event.set()
+        return entry, "new"
+
+    def close(self) -> None:
+        if self._appender is not None:
+            self._appender.close()
+            self._appender = None
 
 
 def _json_objects(text: str) -> list[dict]:
@@ -203,16 +285,8 @@ class LLMJudge:
         self.max_tokens = max_tokens
         self.cache_path = cache_path
         self._lock = threading.Lock()
-        self._cache: dict[str, dict] = {}
-        self._appender = None
-        self.calls = 0  # requests sent (cache hits cost none)
-        if cache_path:
-            from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
-
-            for entry in read_jsonl(cache_path, repair=True):
-                if "key" in entry:
-                    self._cache[entry["key"]] = entry
-            self._appender = JsonlAppender(cache_path, fsync=False)
+        self.cache = JudgeCache(cache_path)
+        self.calls = 0  # requests sent (cache hits and shared keys cost none)
 
     def _key(self, kind: str, question: str, answer: Any, answer_format: str, prediction: str) -> str:
         payload = json.dumps([RUBRIC_VERSION, self.client.model, kind, question, answer, answer_format, prediction],
@@ -256,17 +330,14 @@ class LLMJudge:
         gold_items = parse_list(answer) if fmt == "List" and not gold_is_not_answerable(answer, fmt) else []
         kind = "list" if gold_items else "single"
         key = self._key(kind, question, answer, fmt, cleaned)
-        with self._lock:
-            entry = self._cache.get(key)
-        cached = entry is not None
-        if entry is None:
+
+        def ask() -> dict:
             raw, parsed, replies = self._ask(kind, self._messages(kind, question, answer, cleaned))
-            entry = {"key": key, "judge": self.client.model, "rubric": RUBRIC_VERSION, "kind": kind,
-                     "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "replies": replies, "raw": raw}
-            with self._lock:
-                self._cache[key] = entry
-                if self._appender is not None:
-                    self._appender.append(entry)
+            return {"judge": self.client.model, "rubric": RUBRIC_VERSION, "kind": kind,
+                    "parsed": list(parsed) if isinstance(parsed, tuple) else parsed, "replies": replies, "raw": raw}
+
+        entry, how = self.cache.once(key, ask)
+        cached = how != "new"
         parsed = entry["parsed"]
         detail: dict[str, Any] = {"kind": kind, "cached": cached}
         if parsed is None:
@@ -281,28 +352,39 @@ class LLMJudge:
         return ScoreResult(f1_from_counts(len(gold_items), answer_items, covered), self.name, detail)
 
     def close(self) -> None:
-        if self._appender is not None:
-            self._appender.close()
-            self._appender = None
+        self.cache.close()
+
+
+JUDGE_OPTIONS = {"openai": ("model",), "mmlb": ("model", "prompts")}
+JUDGE_FORMS = "auto, rules, mmlb-rules, openai:URL[,model=NAME] or mmlb:URL[,model=NAME],prompts=DIR"
 
 
 def parse_judge_spec(spec: Optional[str]) -> tuple[str, str, dict[str, str]]:
-    """``auto`` (or None), ``rules``, ``mmlb-rules`` or ``openai:URL[,model=NAME]`` -> (kind, url, options)."""
+    """``auto`` (or None), ``rules``, ``mmlb-rules``, ``openai:URL[,model=NAME]`` or
+    ``mmlb:URL[,model=NAME],prompts=DIR`` -> (kind, url, options)."""
     if spec in (None, "", "auto"):
         return "auto", "", {}
     if spec in ("rules", "mmlb-rules"):
         return spec, "", {}
     kind, sep, rest = spec.partition(":")
-    if kind not in ("openai", "vllm") or not sep or not rest:
-        raise ValueError(f"--judge {spec!r}: expected auto, rules, mmlb-rules or openai:URL[,model=NAME]")
+    kind = "openai" if kind == "vllm" else kind
+    if kind not in JUDGE_OPTIONS or not sep or not rest:
+        raise ValueError(f"--judge {spec!r}: expected {JUDGE_FORMS}")
     pieces = rest.split(",")
     options = {}
+    allowed = JUDGE_OPTIONS[kind]
     for piece in pieces[1:]:
         key, eq, value = piece.partition("=")
-        if not eq or key not in ("model",):
-            raise ValueError(f"--judge {spec!r}: option {piece!r} is not model=NAME")
+        if not eq or key not in allowed or not value:
+            raise ValueError(f"--judge {spec!r}: option {piece!r} is not one of "
+                             + ", ".join(f"{k}=..." for k in allowed))
         options[key] = value
-    return "openai", pieces[0], options
+    if not pieces[0]:
+        raise ValueError(f"--judge {spec!r}: no URL")
+    if kind == "mmlb" and "prompts" not in options:
+        raise ValueError(f"--judge {spec!r}: give prompts=DIR, your MMLongBench checkout (its utils_prompt.py "
+                         "and data.py hold the judge prompts)")
+    return kind, pieces[0], options
 
 
 def make_scorer(spec: Optional[str], cache_path: Optional[str] = None, api_key_env: str = "OPENAI_API_KEY",
@@ -314,6 +396,11 @@ def make_scorer(spec: Optional[str], cache_path: Optional[str] = None, api_key_e
         return RuleScorer()
     if kind == "mmlb-rules":
         return MMLBRuleScorer()
+    if kind == "mmlb":
+        from megatron_vlm.eval.mmlb_judge import MMLBJudge
+
+        return MMLBJudge(url, options["prompts"], options.get("model"), cache_path, api_key_env, timeout,
+                         parallel=parallel)
     return LLMJudge(url, options.get("model"), cache_path, api_key_env, timeout, retries, parallel=parallel)
 
 
@@ -358,6 +445,7 @@ __all__ = [
     "MMLB_DATASET_KEYS",
     "is_mmlb_dataset",
     "LLMJudge",
+    "JudgeCache",
     "JudgeError",
     "RUBRIC_VERSION",
     "RuleScorer",
