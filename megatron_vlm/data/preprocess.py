@@ -139,7 +139,8 @@ def process_record(raw: bytes, where: str, line: int, tokenizer: SampleTokenizer
     try:
         sample = Sample.from_dict(record, where)
     except SampleError as err:
-        return _dropped(line, "bad_record", str(err), record.get("id") if isinstance(record, dict) else None)
+        sample_id = record.get("id") if isinstance(record, dict) else None
+        return _dropped(line, err.reason, str(err), sample_id if isinstance(sample_id, str) else None)
     try:
         sizes = sample_image_sizes(sample, where)
         if settings["verify_images"]:
@@ -148,7 +149,7 @@ def process_record(raw: bytes, where: str, line: int, tokenizer: SampleTokenizer
     except TokenizationError as err:
         return _dropped(line, err.reason, str(err), sample.id)
     except SampleError as err:
-        return _dropped(line, "bad_record", str(err), sample.id)
+        return _dropped(line, err.reason, str(err), sample.id)
     original = tokenized.num_tokens
     max_len = settings["max_seq_len"]
     if original > max_len:

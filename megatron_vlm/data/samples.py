@@ -18,6 +18,12 @@ One JSON object per line::
 
 ``{"type": "image"}`` items consume ``images`` in order; their count must equal ``len(images)``.
 Loss is taken on assistant turns only. Readers name the file and line of every bad record.
+
+Records are checked by type before any stage uses them (nothing is coerced): ``id`` a non-empty
+string, ``task`` one of ``TASKS``, ``images`` non-empty strings, ``image_tokens`` non-negative
+integers (one per image), ``image_root`` a string, ``meta`` an object. With an ``image_root``,
+every image must lie inside it once ``..`` and symbolic links are resolved (absolute paths too):
+a record that points elsewhere is refused (reason ``image_outside_root``), never read.
 """
 
 from __future__ import annotations
@@ -35,7 +41,22 @@ ANSWER_FORMATS = ("String", "Integer", "Float", "List", "None")
 
 
 class SampleError(ValueError):
-    """A record that does not follow the format; the message names where and what."""
+    """A record that does not follow the format; the message names where and what, ``reason`` is a
+    short code for reports (``bad_record``, ``image_outside_root``)."""
+
+    def __init__(self, message: str, reason: str = "bad_record"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _inside(root: str, path: str) -> bool:
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+    return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
 
 
 @dataclass
@@ -76,11 +97,20 @@ class Sample:
         missing = [k for k in ("id", "task", "images", "messages") if k not in record]
         if missing:
             raise SampleError(f"{where}: missing field(s) {missing}")
-        if record["task"] not in TASKS:
-            raise SampleError(f"{where}: task {record['task']!r} is not one of {TASKS}")
+        if not isinstance(record["id"], str) or not record["id"]:
+            raise SampleError(f"{where}: 'id' must be a non-empty string, got {type(record['id']).__name__} "
+                              f"{record['id']!r:.60}")
+        if not isinstance(record["task"], str) or record["task"] not in TASKS:
+            raise SampleError(f"{where}: task {record['task']!r:.60} is not one of {TASKS}")
         images, messages = record["images"], record["messages"]
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise SampleError(f"{where}: 'images' must be a list of paths")
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise SampleError(f"{where}: 'images' must be a list of paths (non-empty strings)")
+        image_root = record.get("image_root")
+        if image_root is not None and not isinstance(image_root, str):
+            raise SampleError(f"{where}: 'image_root' must be a string (a folder), got {type(image_root).__name__}")
+        meta = record.get("meta")
+        if meta is not None and not isinstance(meta, dict):
+            raise SampleError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
         if not isinstance(messages, list) or not messages:
             raise SampleError(f"{where}: 'messages' must be a non-empty list")
         for i, m in enumerate(messages):
@@ -101,8 +131,17 @@ class Sample:
         tokens = record.get("image_tokens")
         if tokens is not None and (not isinstance(tokens, list) or len(tokens) != len(images)):
             raise SampleError(f"{where}: 'image_tokens' must list one count per image")
-        sample = cls(id=str(record["id"]), task=record["task"], images=images, messages=messages,
-                     image_root=record.get("image_root"), image_tokens=tokens, meta=record.get("meta") or {})
+        if tokens is not None and not all(_is_int(t) and t >= 0 for t in tokens):
+            bad = next(t for t in tokens if not (_is_int(t) and t >= 0))
+            raise SampleError(f"{where}: 'image_tokens' must be non-negative integers, got "
+                              f"{type(bad).__name__} {bad!r:.40}")
+        if image_root:
+            for path in images:
+                if not _inside(image_root, path):
+                    raise SampleError(f"{where}: image {path!r:.200} lies outside its image_root {image_root} "
+                                      "(after resolving '..' and links); not read", "image_outside_root")
+        sample = cls(id=record["id"], task=record["task"], images=images, messages=messages,
+                     image_root=image_root, image_tokens=tokens, meta=meta or {})
         slots = sample.num_image_slots()
         if slots != len(images):
             raise SampleError(f"{where}: messages have {slots} image slots but 'images' lists {len(images)}")

@@ -7,7 +7,7 @@ import json
 from megatron_vlm.data.samples import Sample, SampleError, read_samples
 
 GOOD = {"id": "d:extract-single:0", "task": "extract-single", "image_root": "/pool",
-        "images": ["images/a/0001.jpg", "/abs/0002.jpg"], "image_tokens": [2508, 2508],
+        "images": ["images/a/0001.jpg", "/pool/images/b/0002.jpg"], "image_tokens": [2508, 2508],
         "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
                                                   {"type": "text", "text": "On Page 2, what is X?"}]},
                      {"role": "assistant", "content": "42"}],
@@ -17,7 +17,7 @@ GOOD = {"id": "d:extract-single:0", "task": "extract-single", "image_root": "/po
 def test_round_trip_and_paths():
     s = Sample.from_dict(GOOD)
     assert Sample.from_dict(json.loads(s.to_json())) == s
-    assert s.image_paths() == ["/pool/images/a/0001.jpg", "/abs/0002.jpg"]
+    assert s.image_paths() == ["/pool/images/a/0001.jpg", "/pool/images/b/0002.jpg"]  # absolute: inside the root
 
 
 def test_every_bad_line_is_reported_with_its_number(tmp_path):
