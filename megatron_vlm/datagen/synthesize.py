@@ -80,6 +80,9 @@ SCHEMA = "megatron-vlm/vqa-synthesis/v1"
 OCR_TASKS = ("ocr-full", "ocr-needle")
 ALL_TASKS = VQA_TASKS + OCR_TASKS
 MAX_ANSWER_CHARS = 500
+# drops that say nothing about the job, only that the teacher could not be reached (connection refused,
+# timeouts, 408/409/425/429/5xx after every retry): a rerun retries these jobs instead of skipping them
+TRANSIENT_REASONS = frozenset({"teacher_unavailable"})
 MAX_QUESTION_CHARS = 1000
 
 
@@ -358,16 +361,33 @@ class Synthesizer:
                       "settings": sidecar(config.output, "settings.json")}
         all_docs = list(read_manifest(config.pool))
         self.filtered = Counter()
+        self.too_long = Counter()
         self.docs = []
+        self._floors: dict[int, int] = {}
         for record in all_docs:
             if record.num_pages < config.min_pages:
                 self.filtered["too_few_pages"] += 1
             elif record.num_pages > config.max_pages:
                 self.filtered["too_many_pages"] += 1
+            elif config.max_seq_tokens is not None and self.floor_tokens(record) > config.max_seq_tokens:
+                self.too_long["too_long"] += 1  # cannot fit whatever the question: no job is spent on it
             else:
                 self.docs.append(record)
         self.docs.sort(key=lambda r: r.doc_id)
         self.pool_size = len(all_docs)
+
+    def floor_tokens(self, record: DocRecord) -> int:
+        """The shortest sample a document can give: every page, the chat template and the page note,
+        with an empty question and answer. A document above ``--max-seq-len`` by this count alone is
+        not eligible (decided once, up front, for every task)."""
+        overhead = self._floors.get(record.num_pages)
+        if overhead is None:
+            content: list[dict] = [{"type": "image"} for _ in range(record.num_pages)]
+            content.append({"type": "text", "text": f"{page_note(record.num_pages)}\n"})
+            messages = [{"role": "user", "content": content}, {"role": "assistant", "content": ""}]
+            total, _ = self.counter.count(messages, [0] * record.num_pages)
+            overhead = self._floors[record.num_pages] = total
+        return overhead + sum(p.tokens for p in record.pages)
 
     # ------------------------------------------------------------------ settings and resume
 
@@ -396,7 +416,10 @@ class Synthesizer:
             atomic_write_json(path, wanted)
 
     def _resume_state(self) -> tuple[set[int], set[str], int, list[dict]]:
-        """Jobs already done, dedup keys and sample count of the output, and the drop log."""
+        """Jobs already done, dedup keys and sample count of the output, and the drops that stand.
+
+        A job dropped for a transient reason (:data:`TRANSIENT_REASONS`: the teacher was down) is
+        not done: it runs again, and its old drop no longer counts once it has a newer outcome."""
         done: set[int] = set()
         keys: set[str] = set()
         samples = read_jsonl(self.paths["output"], repair=True)
@@ -406,8 +429,12 @@ class Synthesizer:
                 done.add(meta["job"])
             keys.add(self._dedup_key(meta.get("doc_id", ""), meta))
         drops = read_jsonl(self.paths["dropped"], repair=True)
-        done |= {d["job"] for d in drops if isinstance(d.get("job"), int)}
-        return done, keys, len(samples), drops
+        latest: dict = {}
+        for d in drops:  # the log is appended: a retried job's later line is its outcome
+            latest[d.get("job") if isinstance(d.get("job"), int) else id(d)] = d
+        standing = [d for d in latest.values() if not (isinstance(d.get("job"), int) and d["job"] in done)]
+        done |= {d["job"] for d in standing if isinstance(d.get("job"), int) and not _is_transient(d)}
+        return done, keys, len(samples), standing
 
     def _dedup_key(self, doc_id: str, meta: dict) -> str:
         if self.cfg.task in OCR_TASKS:
@@ -502,6 +529,7 @@ class Synthesizer:
         os.makedirs(os.path.dirname(os.path.abspath(self.cfg.output)), exist_ok=True)
         self._check_settings()
         done, keys, existing, old_drops = self._resume_state()
+        retried = {d["job"] for d in old_drops if _is_transient(d)}  # their old lines give way to new outcomes
         stats = RunStats()
         started = time.monotonic()
         status = "complete"
@@ -535,6 +563,7 @@ class Synthesizer:
                             outcome.drop = Drop("duplicate", "same document and normalized question (OCR: same pages)")
                             outcome.sample = None
                         if outcome.sample is not None:
+                            retried.discard(outcome.job)
                             keys.add(outcome.dedup_key or "")
                             out.append(json.loads(outcome.sample.to_json()))
                             accepted_total += 1
@@ -547,12 +576,15 @@ class Synthesizer:
                             assert outcome.drop is not None
                             entry = {"job": outcome.job, "doc_id": outcome.doc_id, "reason": outcome.drop.reason,
                                      "detail": outcome.drop.detail[:1000]}
+                            if outcome.drop.reason in TRANSIENT_REASONS:
+                                entry["transient"] = True  # a rerun retries this job
                             if outcome.question:
                                 entry["question"] = outcome.question[:1000]
                             if outcome.segment:
                                 entry["segment"] = outcome.segment
                             dropped.append(entry)
                             new_drops.append(entry)
+                            retried.discard(outcome.job)
                             stats.dropped[outcome.drop.reason] += 1
                         if bar is not None:
                             bar.set_postfix(dropped=sum(stats.dropped.values()), refresh=False)
@@ -569,7 +601,9 @@ class Synthesizer:
                 await asyncio.gather(*inflight, return_exceptions=True)
             if bar is not None:
                 bar.close()
-            report = self._report(status, stats, accepted_total, old_drops + new_drops, time.monotonic() - started,
+            jobs_redone = {d["job"] for d in old_drops if _is_transient(d)} - retried
+            standing = [d for d in old_drops if not (_is_transient(d) and d["job"] in jobs_redone)]
+            report = self._report(status, stats, accepted_total, standing + new_drops, time.monotonic() - started,
                                   max_jobs)
         if error is not None:
             raise error
@@ -603,10 +637,13 @@ class Synthesizer:
             "files": {k: os.path.abspath(v) for k, v in self.paths.items()},
             "counts": {"requested": self.cfg.num_samples, "accepted": accepted_total,
                        "dropped": len(drops), "dropped_by_reason": dict(sorted(by_reason.items())),
+                       "transient_failures": sum(1 for d in drops if _is_transient(d)),
                        "max_jobs": max_jobs},
             "documents": {"in_pool": self.pool_size, "eligible": len(self.docs),
                           "filtered_by_page_window": dict(sorted(self.filtered.items())),
-                          "page_window": [self.cfg.min_pages, self.cfg.max_pages]},
+                          "page_window": [self.cfg.min_pages, self.cfg.max_pages],
+                          "filtered_by_length": dict(sorted(self.too_long.items())),
+                          "max_seq_len": self.cfg.max_seq_tokens},
             "tokens": {"min": min(tokens), "max": max(tokens), "mean": round(sum(tokens) / len(tokens), 1),
                        "total": sum(tokens)} if tokens else {},
             "teacher_usage_total": {k: round(v, 6) if isinstance(v, float) else v for k, v in total_usage.items()},
@@ -615,6 +652,33 @@ class Synthesizer:
         }
         atomic_write_json(path, report)
         return report
+
+
+def _is_transient(drop: dict) -> bool:
+    return isinstance(drop.get("job"), int) and (bool(drop.get("transient")) or drop.get("reason") in TRANSIENT_REASONS)
+
+
+def shortfall(report: dict) -> Optional[str]:
+    """Why a run made fewer samples than asked (None when it made them all): one line for the CLI."""
+    counts, docs = report["counts"], report["documents"]
+    if counts["accepted"] >= counts["requested"]:
+        return None
+    head = f"{counts['accepted']} of {counts['requested']} samples"
+    where = f"see {report['files']['report']}"
+    if report["status"] == "no_documents" or not docs["eligible"]:
+        length = docs.get("filtered_by_length") or {}
+        too_long = (f", {sum(length.values())} cannot fit --max-seq-len {docs.get('max_seq_len')}"
+                    if length else "")
+        return (f"{head}: no document of the pool is eligible ({docs['in_pool']} in the pool; page window "
+                f"{docs['page_window']} filtered {docs['filtered_by_page_window'] or 'none'}{too_long}); {where}")
+    transient = counts.get("transient_failures", 0)
+    if transient:
+        return (f"{head}: {transient} job(s) failed because the teacher was unavailable; rerun the same command "
+                f"to retry them ({where})")
+    reasons = ", ".join(f"{n} {r}" for r, n in sorted(counts["dropped_by_reason"].items(), key=lambda kv: -kv[1]))
+    return (f"{head}: the pool is exhausted after {counts['max_jobs']} jobs on {docs['eligible']} eligible "
+            f"document(s) (dropped: {reasons or 'none'}); use more documents, a wider page window or --max-jobs; "
+            f"{where}")
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
@@ -658,6 +722,7 @@ __all__ = [
     "page_references",
     "render_answer",
     "section_anchor",
+    "shortfall",
     "sidecar",
     "synthesize",
 ]

@@ -399,7 +399,7 @@ def test_page_window_filters_documents(facts, counter, tmp_path):
                           min_pages=6, max_pages=18, progress=False)
     report = asyncio.run(Synthesizer(cfg, OfflineTeacher(), counter).run())
     assert report["documents"] == {"in_pool": 3, "eligible": 2, "filtered_by_page_window": {"too_few_pages": 1},
-                                   "page_window": [6, 18]}
+                                   "page_window": [6, 18], "filtered_by_length": {}, "max_seq_len": 131072}
     assert {s.meta["num_pages"] for s in _records(str(tmp_path / "w2.jsonl"))} == {18}
 
 
@@ -512,6 +512,7 @@ def test_too_long_documents_cost_no_teacher_call(facts, counter, tmp_path):
     samples = _records(str(tmp_path / "t.jsonl"))
     assert samples and {s.meta["doc_id"] for s in samples} == {scan.doc_id}
     assert all(s.meta["num_tokens"] <= 20000 for s in samples)
-    too_long = [d for d in report["dropped"] if d["reason"] == "too_long"]
-    assert too_long and all("no teacher call" in d["detail"] for d in too_long)
-    assert teacher.usage.requests == report["counts"]["accepted"] + len(report["dropped"]) - len(too_long)
+    # the two 18-page documents cannot fit 20K tokens: ineligible up front, so no job is spent on them
+    assert report["documents"]["filtered_by_length"] == {"too_long": 2}
+    assert not [d for d in report["dropped"] if d["reason"] == "too_long"]
+    assert teacher.usage.requests == report["counts"]["accepted"] + len(report["dropped"])
