@@ -100,11 +100,24 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.datagen.inputs import discover_inputs, parse_shard, read_hash_list
-    from megatron_vlm.datagen.pool import format_stats, merge_pool, run_shard, shard_paths, shards_done
+    from megatron_vlm.datagen.inputs import parse_shard
+    from megatron_vlm.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
     output = os.path.abspath(args.output)
+    try:
+        shard = (0, 1) if args.merge_only else parse_shard(args.shard)
+    except ValueError as err:
+        raise cli.UserError(err) from None
+    # one writer per output (per shard of it: the tasks of one Slurm array run side by side)
+    with output_lock(lock_path_for(output, shard, suffix=""), output):
+        return _main(args, output)
+
+
+def _main(args: argparse.Namespace, output: str) -> int:
+    from megatron_vlm.datagen.inputs import discover_inputs, parse_shard, read_hash_list
+    from megatron_vlm.datagen.pool import format_stats, merge_pool, run_shard, shard_paths, shards_done
+
     cli.on_stop(lambda: f"stopped: merge of {output} not finished; {cli.RESUME}")
     if args.merge_only:
         count = args.num_shards or parse_shard(args.shard)[1]
@@ -120,6 +133,8 @@ def main(argv=None) -> int:
             raise cli.UserError(err) from None
         missing_inputs: list[str] = []
         paths = discover_inputs(args.input, missing_inputs)
+        if not paths:  # nothing to build a pool from is a mistake, not an empty pool
+            raise cli.UserError(f"no PDF found under {', '.join(args.input)}")
         files = shard_paths(output, index, count)
 
         def stopped() -> str:
@@ -150,6 +165,12 @@ def main(argv=None) -> int:
     print(format_stats(stats))
     print(f"pool: {os.path.join(output, 'manifest.jsonl')} ({stats['documents']} documents); "
           f"report: {os.path.join(output, 'report.json')}; stats: {os.path.join(output, 'stats.json')}")
+    if not stats["documents"]:  # an empty pool is a failure, with the reason
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(stats["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+        why = (f"every one of the {stats['rejected']} documents was rejected ({reasons})" if stats["rejected"]
+               else "no document was processed")
+        print(f"error: the pool is empty: {why}; see {os.path.join(output, 'report.json')}", file=sys.stderr)
+        return 1
     return 0
 
 

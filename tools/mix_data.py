@@ -67,7 +67,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    from megatron_vlm.locks import lock_path_for, output_lock
+
     args = parse_args(argv)
+    with output_lock(lock_path_for(args.output), args.output):  # one writer per output: a second run is refused
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     cli.on_stop(lambda: f"stopped: nothing written ({args.output} is written at the end, all at once); "
                         "rerun the same command")
     try:

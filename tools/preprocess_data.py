@@ -94,8 +94,32 @@ def _stopped(args) -> str:
             f"{parts_dir(args.output_prefix)}; {cli.RESUME}")
 
 
+def empty_result(meta: dict, args: argparse.Namespace) -> str:
+    """Why a merged dataset holds no sample: one line for the error."""
+    by_reason = (meta.get("dropped") or {}).get("by_reason") or {}
+    if not by_reason:
+        return f"no sample in the input(s) {args.input}: nothing to preprocess"
+    parts = [f"{n} too_long over --max-seq-len {args.max_seq_len}" if reason == "too_long" else f"{n} {reason}"
+             for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return f"every sample was dropped ({', '.join(parts)}); see {args.output_prefix}.report.json"
+
+
 def main(argv=None) -> int:
+    from megatron_vlm.datagen.inputs import parse_shard
+    from megatron_vlm.locks import lock_path_for, output_lock
+
     args = parse_args(argv)
+    try:
+        shard = (0, 1) if args.pack_only or args.merge_only else parse_shard(args.shard)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # one writer per output (per shard of it: the shards of one array run side by side)
+    with output_lock(lock_path_for(args.output_prefix, shard, suffix=""), args.output_prefix):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     cli.on_stop(lambda: _stopped(args))
     if args.pack_only:
         pack(args.output_prefix, args.max_seq_len, args.cp_size, args.tp_size, args.sequence_parallel,
@@ -125,6 +149,9 @@ def main(argv=None) -> int:
     except (FileNotFoundError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if meta is not None and not meta.get("num_samples"):  # an empty dataset is a failure, with the reason
+        print(f"error: {empty_result(meta, args)}", file=sys.stderr)
+        return 1
     if meta is not None and args.pack:
         pack(args.output_prefix, args.max_seq_len, args.cp_size, args.tp_size, args.sequence_parallel,
              args.pack_seed)

@@ -105,8 +105,9 @@ def summary(report: dict) -> str:
     for reason, n in counts["dropped_by_reason"].items():
         lines.append(f"  dropped {reason}: {n}")
     docs = report["documents"]
-    lines.append(f"documents: {docs['eligible']} of {docs['in_pool']} in the page window {docs['page_window']} "
-                 f"(filtered: {docs['filtered_by_page_window'] or 'none'})")
+    lines.append(f"documents: {docs['eligible']} of {docs['in_pool']} eligible: page window {docs['page_window']} "
+                 f"(filtered: {docs['filtered_by_page_window'] or 'none'}), fit --max-seq-len {docs['max_seq_len']} "
+                 f"(filtered: {docs['filtered_by_length'] or 'none'})")
     if report["tokens"]:
         t = report["tokens"]
         lines.append(f"tokens per sample: min {t['min']:,} mean {t['mean']:,} max {t['max']:,}; total {t['total']:,}")
@@ -130,10 +131,17 @@ def _start_again(output: str) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, sidecar
-    from megatron_vlm.datagen.teachers import TeacherFatalError
+    from megatron_vlm.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
+    with output_lock(lock_path_for(args.output), args.output):  # one writer per output: a second run is refused
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, shortfall, sidecar
+    from megatron_vlm.datagen.teachers import TeacherFatalError
+
     cli.on_stop(lambda: (f"stopped: {cli.count_lines(args.output)} of {args.num_samples} samples written to "
                          f"{args.output} (report: {sidecar(args.output, 'report.json')}); {cli.RESUME}"))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -170,7 +178,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary(report))
-    return 0 if report["status"] in ("complete", "exhausted") else 1
+    short = shortfall(report)
+    if short is not None:  # fewer samples than asked is a failure, with the reason
+        print(f"error: {short}", file=sys.stderr)
+        return 1
+    return 0 if report["status"] == "complete" else 1
 
 
 if __name__ == "__main__":

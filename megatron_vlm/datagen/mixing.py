@@ -261,7 +261,7 @@ def scan_candidates(config: MixConfig, tokenizer, dropped: list[dict], progress:
             try:
                 sample = parse_line(raw, where, short, root, f"{stem}:{number}")
             except SampleError as err:
-                dropped.append({"source": where, "id": None, "reason": "bad_record", "detail": str(err)})
+                dropped.append({"source": where, "id": None, "reason": err.reason, "detail": str(err)})
                 continue
             if config.task_mix is not None and not short and sample.task not in config.task_mix:
                 dropped.append({"source": where, "id": sample.id, "reason": "task_not_in_mix", "task": sample.task,
@@ -541,6 +541,25 @@ def _left_out_tasks(config: MixConfig, dropped: list[dict]) -> list[str]:
     return out
 
 
+def _drop_summary(dropped: list[dict], config: MixConfig) -> str:
+    counts: dict[str, int] = {}
+    for d in dropped:
+        counts[d["reason"]] = counts.get(d["reason"], 0) + 1
+    parts = []
+    for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        parts.append(f"{n} too_long over --max-seq-len {config.max_tokens}" if reason == "too_long"
+                     else f"{n} {reason}")
+    return ", ".join(parts)
+
+
+def _write_failure_report(path: str, dropped: list[dict]) -> None:
+    reasons: dict[str, int] = {}
+    for d in dropped:
+        reasons[d["reason"]] = reasons.get(d["reason"], 0) + 1
+    atomic_write_json(path, {"dropped": dropped, "dropped_by_reason": dict(sorted(reasons.items())), "groups": {},
+                             "warnings": ["no mixture was written"]})
+
+
 def mix(config: MixConfig, tokenizer=None, progress: bool = True, force: bool = False, log=print) -> dict:
     """Make the mixture and its statistics, histogram and report. Returns the statistics."""
     config.validate()
@@ -558,8 +577,18 @@ def mix(config: MixConfig, tokenizer=None, progress: bool = True, force: bool = 
         tokenizer = SampleTokenizer(config.tokenizer_dir)
     dropped: list[dict] = []
     candidates = scan_candidates(config, tokenizer, dropped, progress)
+    if not candidates:  # an empty mixture is a failure, with the reason (and the report to read)
+        _write_failure_report(paths["report"], dropped)
+        if not dropped:
+            raise MixError(f"no sample in the input file(s) {[s.path for s in config.inputs + config.short_data]}")
+        raise MixError(f"every sample was dropped ({_drop_summary(dropped, config)}); see {paths['report']}")
     groups = build_groups(config, candidates)
     order, budget = select(config, candidates, groups)
+    if not order:
+        _write_failure_report(paths["report"], dropped)
+        raise MixError(f"the mixture is empty: a token budget of {format_tokens(budget)} takes no sample "
+                       f"(the shortest usable one has {min(c.tokens for c in candidates):,} tokens); raise "
+                       "--token-budget")
     chosen = [candidates[i] for i in order]
     warnings = _left_out_tasks(config, dropped)
     for g in groups:
