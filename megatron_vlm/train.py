@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.step >= trainer.total_steps and (not cfg.checkpoint.interval or trainer.step % cfg.checkpoint.interval):
             trainer.save()  # always leave the final weights
     finally:
+        close = getattr(getattr(locals().get("trainer"), "source", None), "close", None)
+        if close is not None:
+            close()  # data-loader workers exit now, not at interpreter exit
         destroy_parallel()
     return 0
 

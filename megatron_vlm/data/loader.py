@@ -14,6 +14,7 @@ after a training step resumes right after that step.
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -91,12 +92,26 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one core per worker: image decoding is the work, not BLAS
     _keep_big_allocations_on_the_heap()
     # Ctrl-C and scancel signal the whole process group. The trainer answers by finishing its step
-    # and saving; a worker that died of the same signal would fail that step's data fetch instead.
-    # Workers end with the main process (the DataLoader shuts them down).
+    # and saving; a worker that died of the same signal would fail that step (torch's SIGCHLD check
+    # raises when a worker is killed by a signal). So SIGINT/SIGUSR1 are ignored, and SIGTERM (also
+    # what the DataLoader's own shutdown sends as a last resort) ends the worker cleanly, exit 0,
+    # after a grace that lets it deliver the rows of the step in flight.
     import signal
 
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_after_grace)
+
+
+WORKER_SIGTERM_GRACE_S = 10.0
+
+
+def _exit_after_grace(signum, frame) -> None:
+    import threading
+
+    timer = threading.Timer(WORKER_SIGTERM_GRACE_S, os._exit, (0,))
+    timer.daemon = True
+    timer.start()
 
 
 def _keep_big_allocations_on_the_heap() -> None:
@@ -130,9 +145,21 @@ class PackedDataLoader:
 
     def __iter__(self) -> Iterator[PackedBatch]:
         loader = torch.utils.data.DataLoader(self.dataset, sampler=self.sampler, **self._kwargs)
-        for batch in loader:
-            self.sampler.consumed_rows += self.sampler.dp_size  # every rank takes one row per step
-            yield batch
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.sampler.consumed_rows += self.sampler.dp_size  # every rank takes one row per step
+                yield batch
+        finally:  # close(), or the end: workers get their stop message and exit on their own
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def close(self) -> None:
+        """Stop the worker processes now (the trainer calls it when it is done)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
 
     def __len__(self) -> int:
         return len(self.sampler)

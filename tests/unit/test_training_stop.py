@@ -15,17 +15,40 @@ import pytest
 from tests.conftest import REPO
 
 
-def _command(run_dir: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "megatron_vlm.train", "--recipe", "tiny_cpu",
-            "--set", "data.max_seq_len=256", "--set", "schedule.global_batch_tokens=512",
+def _command(run_dir: str, steps: int, data: list[str]) -> list[str]:
+    return [sys.executable, "-m", "megatron_vlm.train", "--recipe", "tiny_cpu", *data,
             "--set", f"schedule.train_steps={steps}", "--set", "checkpoint.interval=0",
             "--set", f"log.run_dir={run_dir}", "--set", "log.tensorboard=false", "--set", "log.interval=1"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_to_the_process_group_saves_once_and_the_rerun_resumes(tmp_path, signum):
+SYNTHETIC = ["--set", "data.max_seq_len=256", "--set", "schedule.global_batch_tokens=512"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> list[str]:
+    """A preprocessed dataset read by one data-loader worker process (which gets the signal too)."""
+    from megatron_vlm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_vlm.data.tokenization import SampleTokenizer
+    from tests.unit.data_helpers import make_documents, make_small_tokenizer_dir, write_jsonl
+
+    folder = str(tmp_path_factory.mktemp("stopdata"))
+    tok_dir = make_small_tokenizer_dir(os.path.join(folder, "tok"))
+    records = make_documents(os.path.join(folder, "pool"), 16, pages=[1, 2, 0, 3])
+    path = write_jsonl(os.path.join(folder, "mix.jsonl"), records)
+    config = PreprocessConfig(inputs=[path], output_prefix=os.path.join(folder, "ds"), tokenizer_dir=tok_dir,
+                              max_seq_len=512, workers=0, progress=False)
+    preprocess(config, log=lambda *a: None, tokenizer=SampleTokenizer(tok_dir))
+    return ["--set", f"data.prefix={config.output_prefix}", "--set", "data.max_seq_len=512",
+            "--set", "schedule.global_batch_tokens=1024", "--set", "data.num_workers=1"]
+
+
+@pytest.mark.parametrize("signum,source", [(signal.SIGINT, "synthetic"), (signal.SIGTERM, "synthetic"),
+                                           (signal.SIGTERM, "dataset")],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-loader-worker"])
+def test_a_signal_to_the_process_group_saves_once_and_the_rerun_resumes(tmp_path, signum, source, request):
+    data = SYNTHETIC if source == "synthetic" else request.getfixturevalue("dataset")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_command(str(tmp_path / "run"), 1000), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_command(str(tmp_path / "run"), 1000, data), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=REPO, env=env, start_new_session=True)
     lines = []
     deadline = time.time() + 120
@@ -36,7 +59,7 @@ def test_a_signal_to_the_process_group_saves_once_and_the_rerun_resumes(tmp_path
             break
         assert time.time() < deadline, "".join(lines)
     lines.extend(proc.stdout)
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=60) == 0  # and no hang on the way out (the worker exits too)
     output = "".join(lines)
     assert "Traceback" not in output, output
     assert output.count("saved checkpoint") == 1, output
@@ -46,7 +69,9 @@ def test_a_signal_to_the_process_group_saves_once_and_the_rerun_resumes(tmp_path
     stopped_at = int(saved.split("_")[1])
     assert stopped_at >= 2 and not any(p.name.endswith(".tmp") for p in checkpoints.iterdir())
 
-    resumed = subprocess.run(_command(str(tmp_path / "run"), stopped_at + 1), capture_output=True, text=True,
+    started = time.time()
+    resumed = subprocess.run(_command(str(tmp_path / "run"), stopped_at + 1, data), capture_output=True, text=True,
                              cwd=REPO, env=env, timeout=300)
+    assert time.time() - started < 60  # a finished run exits: its loader workers are shut down
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"at step {stopped_at}" in resumed.stdout and f"step {stopped_at + 1}/{stopped_at + 1}" in resumed.stdout
