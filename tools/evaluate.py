@@ -236,7 +236,7 @@ def build_instances(args, out_dir: str):
     return instances, dropped, sets
 
 
-def generate(args, spec, instances, out_dir: str) -> list[dict]:
+def generate(args, spec, instances, out_dir: str, mmlb_names=()) -> list[dict]:
     """Predictions of one model for every instance, appended as they come (resumable)."""
     from tqdm import tqdm
 
@@ -296,9 +296,14 @@ def generate(args, spec, instances, out_dir: str) -> list[dict]:
                     bar.update()
         bar.close()
         backend.close()
-        errors = sum(1 for i in todo if done[(i.key, fingerprints[i.key])].get("error"))
-        if errors:
-            print(f"[{spec.name}] {errors} generation(s) failed (scored 0; rerun to retry them)", file=sys.stderr)
+        failed = [i for i in todo if done[(i.key, fingerprints[i.key])].get("error")]
+        if failed:
+            from megatron_vlm.eval.judge import is_mmlb_dataset
+            excluded = sum(1 for i in failed if i.task == "docqa" and is_mmlb_dataset(i.dataset, mmlb_names))
+            how = [f"{excluded} of MMLongBench data excluded from its average as the official run does"] if excluded else []
+            how += [f"{len(failed) - excluded} scored 0"] if len(failed) > excluded else []
+            print(f"[{spec.name}] {len(failed)} generation(s) failed ({'; '.join(how)}; rerun to retry them)",
+                  file=sys.stderr)
     return [_with_doc_name(done[(i.key, fingerprints[i.key])], i) for i in instances]
 
 
@@ -352,12 +357,12 @@ def run(args) -> int:
     if not instances:
         print("error: no example could be instantiated at any length (see dropped.json)", file=sys.stderr)
         return 1
-    scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"),
-                          [s.name for s in sets if s.info.get("kind") == "mmlb"])
+    mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
+    scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"), mmlb_names)
     all_scored = []
     try:
         for spec in specs:
-            predictions = generate(args, spec, instances, out_dir)
+            predictions = generate(args, spec, instances, out_dir, mmlb_names)
             scored = score_records(predictions, scorer, not args.no_progress, f"score {spec.name}")
             _write_jsonl(os.path.join(out_dir, "scored", f"{_safe_name(spec.name)}.jsonl"), scored)
             all_scored.extend(scored)
@@ -368,7 +373,8 @@ def run(args) -> int:
         if hasattr(scorer, "close"):
             scorer.close()
     overall = parse_lengths(args.overall_lengths) if args.overall_lengths else None
-    report = write_report(all_scored, out_dir, [s.name for s in specs], overall, dropped=dropped_counts)
+    report = write_report(all_scored, out_dir, [s.name for s in specs], overall, dropped=dropped_counts,
+                          mmlb_datasets=mmlb_names)
     print(f"report: {os.path.join(out_dir, 'report.md')} (+ report.json, eval_curve.png)")
     for suite in report["suites"].values():
         for model, data in suite["models"].items():

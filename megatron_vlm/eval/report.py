@@ -39,8 +39,14 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
               overall_lengths: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
-              dropped: Optional[dict] = None) -> dict:
-    """Scored prediction records (model, dataset, length, task, score, ...) -> the report dict."""
+              dropped: Optional[dict] = None, mmlb_datasets: Iterable[str] = ()) -> dict:
+    """Scored prediction records (model, dataset, length, task, score, ...) -> the report dict.
+
+    Failed generations (records with an ``error``) of MMLongBench document-QA datasets are left out
+    of the mean, as the official run does (MMLongBench eval.py ``run_test``: a ``None`` output is
+    skipped before its metrics are appended, so ``np.mean`` never sees it); they are counted in the
+    cell's ``failed_excluded``. For our own datasets a failed generation scores 0 (``errors``)."""
+    from megatron_vlm.eval.judge import is_mmlb_dataset
     records = [dict(r, length=r["length"] if isinstance(r["length"], int) else parse_length(str(r["length"])))
                for r in records]
     model_order = list(models or [])
@@ -71,9 +77,13 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                     rs = cells.get((model, ds, n), [])
                     if not rs:
                         continue
+                    exclude = suite == "docqa" and is_mmlb_dataset(ds, mmlb_datasets)
+                    kept = [r for r in rs if not (exclude and r.get("error"))]
+                    mean = _mean([float(r["score"]) for r in kept])
                     row[ds] = {
-                        "score": 100 * _mean([float(r["score"]) for r in rs]),
-                        "n": len(rs),
+                        "score": 100 * mean if mean is not None else None,
+                        "n": len(kept),
+                        "failed_excluded": len(rs) - len(kept),
                         "errors": sum(1 for r in rs if r.get("error")),
                         "empty": sum(1 for r in rs if r.get("scored_by") == "empty"),
                         "judge_fallbacks": sum(1 for r in rs if str(r.get("scored_by", "")).startswith("rules (")),
@@ -86,9 +96,10 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                             depths[float(r["depth"])].append(float(r["score"]))
                     if depths:
                         row[ds]["by_depth"] = {f"{d:g}": 100 * _mean(v) for d, v in sorted(depths.items())}
-                avg = _mean([row[ds]["score"] for ds in datasets if ds in row])
+                avg = _mean([row[ds]["score"] for ds in datasets if row.get(ds, {}).get("score") is not None])
                 per_length[format_length(n)] = {"datasets": row, "AVG": avg,
-                                                "complete": all(ds in row for ds in datasets)}
+                                                "complete": all(row.get(ds, {}).get("score") is not None
+                                                                for ds in datasets)}
             overall = _mean([per_length[format_length(n)]["AVG"] for n in over
                              if per_length.get(format_length(n), {}).get("AVG") is not None])
             table[model] = {"lengths": per_length, "overall": overall}
@@ -201,12 +212,19 @@ def render_markdown(report: dict) -> str:
             lines.append("")
         lines += ["### Counts", "", "| model | dataset | length | n | mean tokens | errors | empty | judge fallbacks "
                   "| unparsed judge replies |", "|---|---|---|---|---|---|---|---|---|"]
+        excluded = []
         for model, data in models.items():
             for lab in labels:
                 for ds, cell in data["lengths"].get(lab, {"datasets": {}})["datasets"].items():
                     lines.append(f"| {model} | {ds} | {lab} | {cell['n']} | {cell['mean_tokens']:.0f} | "
                                  f"{cell['errors']} | {cell['empty']} | {cell['judge_fallbacks']} | "
                                  f"{cell.get('judge_unparsed', 0)} |")
+                    if cell.get("failed_excluded"):
+                        excluded.append(f"- {model} / {ds} / {lab}: {cell['failed_excluded']} failed "
+                                        f"generations excluded")
+        if excluded:
+            lines += ["", "MMLongBench data: failed generations are left out of the average, as the official "
+                      "run does (n counts the records averaged).", ""] + excluded
         depth_rows = [(m, lab, ds, c["by_depth"]) for m, d in models.items() for lab in labels
                       for ds, c in d["lengths"].get(lab, {"datasets": {}})["datasets"].items() if "by_depth" in c]
         if depth_rows:
@@ -315,9 +333,9 @@ def plot_curves(report: dict, path: str) -> str:
 
 def write_report(records: Iterable[dict], out_dir: str, models: Optional[Sequence[str]] = None,
                  overall_lengths: Optional[Sequence[int]] = None, baseline: Optional[str] = None,
-                 dropped: Optional[dict] = None, plot: bool = True) -> dict:
+                 dropped: Optional[dict] = None, plot: bool = True, mmlb_datasets: Iterable[str] = ()) -> dict:
     """report.json, report.md and eval_curve.png under ``out_dir``; returns the report dict."""
-    report = summarize(records, models, overall_lengths, baseline, dropped)
+    report = summarize(records, models, overall_lengths, baseline, dropped, mmlb_datasets)
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_json(os.path.join(out_dir, "report.json"), report)
     atomic_write_bytes(os.path.join(out_dir, "report.md"), (render_markdown(report) + "\n").encode("utf-8"))

@@ -33,7 +33,7 @@ def test_report(tmp_path):
     assert doc["A"]["overall"] == pytest.approx(50) and doc["B"]["overall"] == pytest.approx(50)
     assert doc["B"]["lengths"]["16K"]["complete"] is False and doc["A"]["lengths"]["16K"]["complete"] is True
     cell = doc["A"]["lengths"]["8K"]["datasets"]["d1"]
-    assert cell == {"score": pytest.approx(50), "n": 2, "errors": 1, "empty": 0, "judge_fallbacks": 0,
+    assert cell == {"score": pytest.approx(50), "n": 2, "failed_excluded": 0, "errors": 1, "empty": 0, "judge_fallbacks": 0,
                     "judge_unparsed": 0, "mean_tokens": pytest.approx(8092)}
     assert doc["A"]["lengths"]["16K"]["datasets"]["d1"]["empty"] == 1
     assert doc["B"]["lengths"]["16K"]["datasets"]["d1"]["judge_fallbacks"] == 1
@@ -107,3 +107,22 @@ def test_paper_tables(tmp_path):
     short = write_report([rec("M", "mmlongdoc", 8192, 1.0), rec("M", "mmlongdoc", 16384, 0.0)],
                          str(tmp_path / "s"), plot=False)
     assert short["suites"]["docqa"]["paper_tables"] == [] and short["overall_lengths"] == [8192, 16384]
+
+
+def test_mmlb_failed_generations_excluded(tmp_path):
+    """MMLongBench data: a failed generation leaves the average (official eval.py skips a None output)
+    and is counted apart; our own data keeps scoring it 0; a cell with only failures has no score."""
+    records = [rec("A", "mmlongdoc", 8192, 1.0), rec("A", "mmlongdoc", 8192, 0.0, error="HTTP 500"),
+               rec("A", "mmlongdoc", 8192, 0.0, error="timeout"), rec("A", "mmlongdoc", 8192, 0.5),
+               rec("A", "mine", 8192, 1.0), rec("A", "mine", 8192, 0.0, error="HTTP 500"),
+               rec("A", "custom", 8192, 0.0, error="HTTP 500")]
+    report = write_report(records, str(tmp_path), models=["A"], mmlb_datasets=["custom"], plot=False)
+    row = report["suites"]["docqa"]["models"]["A"]["lengths"]["8K"]
+    mm, mine, custom = row["datasets"]["mmlongdoc"], row["datasets"]["mine"], row["datasets"]["custom"]
+    assert mm["score"] == pytest.approx(75) and mm["n"] == 2 and mm["failed_excluded"] == 2 and mm["errors"] == 2
+    assert mine["score"] == pytest.approx(50) and mine["n"] == 2 and mine["failed_excluded"] == 0
+    assert custom["score"] is None and custom["failed_excluded"] == 1
+    assert row["AVG"] == pytest.approx(62.5) and row["complete"] is False
+    md = (tmp_path / "report.md").read_text()
+    assert "A / mmlongdoc / 8K: 2 failed generations excluded" in md
+    assert "A / custom / 8K: 1 failed generations excluded" in md and "mine / 8K:" not in md
