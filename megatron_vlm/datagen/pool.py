@@ -51,7 +51,7 @@ from megatron_vlm.datagen.records import (
     doc_id_for,
     image_relpath,
 )
-from megatron_vlm.datagen.sections import document_sections, join_lines
+from megatron_vlm.datagen.sections import check_outline, document_sections, join_lines
 from megatron_vlm.datagen.storage import (
     JsonlAppender,
     atomic_write_bytes,
@@ -242,6 +242,10 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
 
         t0 = time.perf_counter()
         toc = pdfmod.read_toc(doc, num_pages, cfg.limits)
+        outline_ignored = check_outline(toc, ["\n".join(b.text for b in c.blocks) for c in contents], num_pages) or ""
+        if outline_ignored:  # a broken outline neither labels headings nor defines sections
+            warnings.insert(0, f"outline ignored: {outline_ignored}")
+            toc = []
         metadata_title = pdfmod.metadata_title(doc)
         labelled = label_document(contents, toc, metadata_title)
         sections = document_sections(toc, labelled, num_pages)
@@ -262,7 +266,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             num_pages=num_pages, language=language, title=_document_title(labelled, metadata_title),
             total_tokens=sum(p.tokens for p in pages), image_format=cfg.image_format, dpi=float(cfg.dpi),
             section_source=sections[0].source if sections else "pages", sections=sections, blocks=blocks_file,
-            pages=pages, warnings=warnings[:MAX_WARNINGS],
+            pages=pages, warnings=warnings[:MAX_WARNINGS], outline_ignored=outline_ignored,
         )
     finally:
         doc.close()
@@ -497,7 +501,8 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
                     except ValueError:
                         break
                     summary = (rec["num_pages"], rec["language"], rec["total_tokens"], rec.get("section_source", ""),
-                               tuple(Counter(p["source"] for p in rec["pages"]).items()))
+                               tuple(Counter(p["source"] for p in rec["pages"]).items()),
+                               bool(rec.get("outline_ignored")))
                     entries.append((rec["doc_id"], rec["sha256"], rec["source"], i, offset, len(raw), summary))
                     offset += len(raw)
         for rej in read_jsonl(files["rejected"]):
@@ -553,7 +558,8 @@ def _copy_lines(output: str, count: int, spans: Sequence[tuple[int, int, int]], 
 
 
 def pool_stats(summaries: Sequence[tuple], rejected: Sequence[dict]) -> dict:
-    """Table-9-style statistics from (num_pages, language, tokens, section_source, page sources)."""
+    """Table-9-style statistics from (num_pages, language, tokens, section_source, page sources[,
+    outline ignored])."""
     pages = [s[0] for s in summaries]
     tokens = [s[2] for s in summaries]
     languages = Counter(s[1] for s in summaries)
@@ -573,6 +579,7 @@ def pool_stats(summaries: Sequence[tuple], rejected: Sequence[dict]) -> dict:
                       for lang, c in sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))},
         "page_block_sources": dict(sorted(sources.items())),
         "section_sources": dict(sorted(Counter(s[3] for s in summaries).items())),
+        "outlines_ignored": sum(1 for s in summaries if len(s) > 5 and s[5]),  # failed check_outline
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
     }

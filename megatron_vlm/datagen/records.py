@@ -81,6 +81,7 @@ class DocRecord:
     pages: list[PageRecord]
     warnings: list[str] = field(default_factory=list)
     schema: str = SCHEMA
+    outline_ignored: str = ""  # why the PDF outline failed sections.check_outline ("" = used or none)
 
     def to_dict(self) -> dict:
         data = asdict(self)

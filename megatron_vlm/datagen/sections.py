@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
@@ -142,6 +143,65 @@ def build_sections(headings: Sequence[Heading], num_pages: int, source: str) -> 
     return sections
 
 
+# An outline is only trusted when it looks like the document's: a broken one (18 entries on page 1)
+# would give sections that do not contain what their titles promise.
+OUTLINE_MAX_PER_PAGE = 15  # more entries than this on one page: crowded
+OUTLINE_MAX_SHARE_ON_PAGE = 0.5  # more than this share of the entries (when >= 4) on one page: crowded
+OUTLINE_MAX_TITLE_MISSES = 0.2  # share of checkable titles allowed not to appear on the page they name
+OUTLINE_MAX_DECREASES = 0.05  # share of entries allowed to point before their predecessor at the same level
+
+
+def check_outline(toc: Sequence[TocEntry], page_texts: Sequence[str], num_pages: int) -> Optional[str]:
+    """Why the outline cannot define sections (one line), or None when it looks right.
+
+    Checks: every page within the document; pages non-decreasing in outline order among entries of
+    the same level (a few slips allowed); no page holding more than ``OUTLINE_MAX_PER_PAGE``
+    entries, or more than half of them; and each title found (alphanumerics, case-folded, NFKC) in
+    the text of the page it names, a small share of misses allowed. Pages without text (scans)
+    are not checked for titles. Outlines of fewer than 2 entries are not used anyway: None.
+    """
+    n = len(toc)
+    if n < 2:
+        return None
+    problems = []
+    outside = [e for e in toc if not 1 <= e.page <= num_pages]
+    if outside:
+        problems.append(f"{len(outside)} of {n} entries point outside pages 1-{num_pages} "
+                        f"(e.g. {outside[0].title[:40]!r} -> page {outside[0].page})")
+    decreases = 0
+    last_at_level: dict[int, int] = {}
+    for entry in toc:
+        if entry.page < last_at_level.get(entry.level, 0):
+            decreases += 1
+        last_at_level[entry.level] = entry.page
+        for deeper in [lvl for lvl in last_at_level if lvl > entry.level]:
+            del last_at_level[deeper]  # a new parent: its children start afresh (and still follow it)
+    if decreases > int(OUTLINE_MAX_DECREASES * n):
+        problems.append(f"{decreases} of {n} entries point before the previous entry of their level")
+    per_page = Counter(e.page for e in toc)
+    page, most = per_page.most_common(1)[0]
+    if most > OUTLINE_MAX_PER_PAGE or (n >= 4 and most > OUTLINE_MAX_SHARE_ON_PAGE * n):
+        problems.append(f"{most} of {n} entries on page {page}")
+    page_keys: dict[int, str] = {}
+    checked = missed = 0
+    example = ""
+    for entry in toc:
+        if not 1 <= entry.page <= len(page_texts):
+            continue
+        if entry.page not in page_keys:
+            page_keys[entry.page] = _key(page_texts[entry.page - 1])
+        title = _key(entry.title)
+        if not page_keys[entry.page] or not title:
+            continue  # no text layer on that page (or a title of symbols only): nothing to compare
+        checked += 1
+        if title not in page_keys[entry.page]:
+            missed += 1
+            example = example or f"{entry.title[:40]!r} not on page {entry.page}"
+    if checked and missed > OUTLINE_MAX_TITLE_MISSES * checked:
+        problems.append(f"{missed} of {checked} titles not found on their page (e.g. {example})")
+    return "; ".join(problems) or None
+
+
 def document_sections(toc: Sequence[TocEntry], pages: Sequence[Sequence[Block]], num_pages: int) -> list[Section]:
     """The section structure: from the outline when it has >= 2 entries, else from the layout."""
     if len(toc) >= 2:
@@ -232,6 +292,7 @@ __all__ = [
     "Section",
     "Segment",
     "build_sections",
+    "check_outline",
     "document_sections",
     "headings_from_layout",
     "headings_from_toc",

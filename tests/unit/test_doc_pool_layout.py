@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from megatron_vlm.datagen.sections import (  # noqa: E402
     Heading,
     Section,
     build_sections,
+    check_outline,
     document_sections,
     join_lines,
     sample_segment,
@@ -197,3 +199,63 @@ def test_language_unknown_without_text():
     assert detect_language("") == UNKNOWN
     assert detect_language("Figure 3 12.5 %") == UNKNOWN
     assert len(sample_text(["x" * 1000] * 100, max_chars=6000)) <= 6100
+
+
+# ------------------------------------------------------------------------------- outline sanity
+
+
+def _pool_record(path, tmp_path):
+    from megatron_vlm.datagen.inputs import sha256_file
+    from megatron_vlm.datagen.pool import DocTask, PoolConfig, process_document
+
+    task = DocTask(source=path, sha256=sha256_file(path), file_bytes=os.path.getsize(path))
+    result = process_document(task, PoolConfig(output=str(tmp_path / "pool"), min_pages=1, workers=0, progress=False))
+    assert "record" in result, result
+    return result["record"]
+
+
+def test_good_outline_passes_the_check_and_defines_sections(report, tmp_path):
+    pages, toc, labelled, n = report
+    assert len(toc) >= 2
+    assert check_outline(toc, ["\n".join(b.text for b in p.blocks) for p in pages], n) is None
+    path = S.write_report_pdf(str(tmp_path / "good.pdf"), S.ReportSpec(seed=1))
+    record = _pool_record(path, tmp_path)
+    assert record["section_source"] == "toc" and record["outline_ignored"] == ""
+
+
+def test_broken_outline_is_ignored_with_a_reason(tmp_path):
+    import pymupdf
+
+    good = S.write_report_pdf(str(tmp_path / "good.pdf"), S.ReportSpec(seed=1))
+    doc = pymupdf.open(good)
+    toc = doc.get_toc(simple=True)
+    assert len(toc) >= 4
+    doc.set_toc([[level, title, 1] for level, title, _ in toc])  # every entry on page 1
+    broken = str(tmp_path / "broken.pdf")
+    doc.save(broken)
+    doc.close()
+    record = _pool_record(broken, tmp_path)
+    assert record["section_source"] == "layout"
+    assert f"{len(toc)} of {len(toc)} entries on page 1" in record["outline_ignored"]
+    assert record["warnings"][0].startswith("outline ignored: ")
+    # the layout-based sections are the ones a document without an outline gets
+    pages, _, title, n = _read(broken)
+    expected = document_sections([], label_document(pages, [], title), n)
+    assert [(s.title, s.first_page, s.last_page) for s in expected] == \
+        [(s["title"], s["first_page"], s["last_page"]) for s in record["sections"]]
+    assert _spans(expected, 1) == EXPECTED_TOP
+
+
+def test_check_outline_rules():
+    texts = ["Intro text here", "Methods and more", "Results shown", "Discussion ends"]
+    good = [P.TocEntry(1, "Intro", 1), P.TocEntry(1, "Methods", 2), P.TocEntry(2, "Results", 3),
+            P.TocEntry(1, "Discussion", 4)]
+    assert check_outline(good, texts, 4) is None
+    assert check_outline(good[:1], texts, 4) is None  # too short to be used anyway
+    backwards = [good[0], good[3], good[1], good[2]]
+    assert "point before the previous entry" in check_outline(backwards, texts, 4)
+    wrong_titles = [P.TocEntry(1, "Chapter One", 1), P.TocEntry(1, "Chapter Two", 2), P.TocEntry(1, "Results", 3),
+                    P.TocEntry(1, "Discussion", 4)]
+    assert "2 of 4 titles not found" in check_outline(wrong_titles, texts, 4)
+    assert check_outline(wrong_titles, ["", "", "", ""], 4) is None  # scans: titles not checkable
+    assert "outside pages 1-4" in check_outline(good + [P.TocEntry(1, "Appendix", 9)], texts, 4)
