@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-published", action="store_true",
                      help="build every length ourselves even where an MMLongBench file for it exists")
     run.add_argument("--keep-errors", action="store_true", help="on resume, do not retry failed generations")
+    run.add_argument("--prompt-format", choices=("auto", "mmlb", "ours"), default="auto",
+                     help="prompt of the model under test: mmlb is MMLongBench's own (data.py load_doc_qa, read "
+                          "from --mmlb-dir) for its document-QA data, ours is our labelled-pages prompt; auto "
+                          "(default): mmlb for MMLongBench data, ours for the rest")
+    run.add_argument("--mmlb-dir", default=None, metavar="DIR",
+                     help="your MMLongBench checkout, whose data.py holds the official prompt (default: the "
+                          "prompts=DIR of --judge mmlb:...)")
     run.add_argument("--build-only", action="store_true", help="only build and write the contexts")
     _common(run)
 
@@ -236,7 +243,30 @@ def build_instances(args, out_dir: str):
     return instances, dropped, sets
 
 
-def generate(args, spec, instances, out_dir: str, mmlb_names=()) -> list[dict]:
+def _prompt_config(args, instances, mmlb_names):
+    """The prompt of the model under test: MMLongBench's own for its document-QA data (read from the
+    checkout given by --mmlb-dir, else by the judge's prompts=DIR), ours for the rest."""
+    from megatron_vlm.eval.judge import parse_judge_spec
+    from megatron_vlm.eval.mmlb_prompt import load_official_docqa_prompt
+    from megatron_vlm.eval.prompt import PromptConfig, uses_official_prompt
+
+    cfg = PromptConfig(format=args.prompt_format, mmlb_datasets=tuple(mmlb_names))
+    if not any(uses_official_prompt(i, cfg) for i in instances):
+        return cfg
+    checkout = args.mmlb_dir
+    if checkout is None:
+        kind, _, options = parse_judge_spec(args.judge)
+        checkout = options.get("prompts") if kind == "mmlb" else None
+    if checkout is None:
+        raise ValueError("MMLongBench data is prompted as the official run does (--prompt-format "
+                         f"{args.prompt_format}), whose template is read from your MMLongBench checkout: give "
+                         "--mmlb-dir DIR (git clone https://github.com/EdinburghNLP/MMLongBench), or "
+                         "--prompt-format ours for our own prompt")
+    cfg.official = load_official_docqa_prompt(checkout)
+    return cfg
+
+
+def generate(args, spec, instances, out_dir: str, mmlb_names=(), prompt=None) -> list[dict]:
     """Predictions of one model for every instance, appended as they come (resumable)."""
     from tqdm import tqdm
 
@@ -246,8 +276,13 @@ def generate(args, spec, instances, out_dir: str, mmlb_names=()) -> list[dict]:
     from megatron_vlm.eval.build import format_length
 
     path = os.path.join(out_dir, "predictions", f"{_safe_name(spec.name)}.jsonl")
-    settings = json.dumps([spec.kind, spec.target, sorted(spec.options.items()), args.max_new_tokens,
-                           args.max_pixels, args.min_pixels])
+    from megatron_vlm.eval.prompt import PromptConfig
+    prompt = prompt or PromptConfig()
+    settings = [spec.kind, spec.target, sorted(spec.options.items()), args.max_new_tokens,
+                args.max_pixels, args.min_pixels]
+    if prompt.format != "ours" and prompt.official is not None:  # the official prompt's texts change the answers
+        settings.append(["mmlb-prompt", prompt.official.digest])
+    settings = json.dumps(settings)
     fingerprints = {i.key: _fingerprint(i, settings) for i in instances}
     done = {}
     for r in read_jsonl(path, repair=True):
@@ -258,7 +293,7 @@ def generate(args, spec, instances, out_dir: str, mmlb_names=()) -> list[dict]:
     if todo:
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels or MAX_PIXELS,
                                min_pixels=args.min_pixels or MIN_PIXELS, timeout=args.timeout,
-                               api_key_env=args.api_key_env)
+                               api_key_env=args.api_key_env, prompt=prompt)
         backend = make_backend(spec, cfg, args.parallel)
 
         def one(inst):
@@ -358,11 +393,16 @@ def run(args) -> int:
         print("error: no example could be instantiated at any length (see dropped.json)", file=sys.stderr)
         return 1
     mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
+    try:
+        prompt = _prompt_config(args, instances, mmlb_names)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"), mmlb_names)
     all_scored = []
     try:
         for spec in specs:
-            predictions = generate(args, spec, instances, out_dir, mmlb_names)
+            predictions = generate(args, spec, instances, out_dir, mmlb_names, prompt)
             scored = score_records(predictions, scorer, not args.no_progress, f"score {spec.name}")
             _write_jsonl(os.path.join(out_dir, "scored", f"{_safe_name(spec.name)}.jsonl"), scored)
             all_scored.extend(scored)

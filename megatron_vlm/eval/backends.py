@@ -240,7 +240,7 @@ class OpenAIBackend:
         if (self.cfg.max_pixels, self.cfg.min_pixels) != (MAX_PIXELS, MIN_PIXELS):
             params["mm_processor_kwargs"] = {"max_pixels": self.cfg.max_pixels, "min_pixels": self.cfg.min_pixels}
         text = self.client.chat(openai_messages(messages, self.images), **params)
-        prefix = self.cfg.prompt.answer_prefix
+        prefix = messages[-1]["content"]  # the pre-filled assistant turn (ours or the official one)
         return text[len(prefix):] if text.startswith(prefix) else text  # servers that echo the prefix
 
     def close(self) -> None:

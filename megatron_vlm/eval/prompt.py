@@ -39,10 +39,28 @@ NIAH_INSTRUCTION = (
 ANSWER_PREFIX = "Answer:"
 
 
+PROMPT_FORMATS = ("auto", "mmlb", "ours")
+
+
 @dataclass
 class PromptConfig:
     doc_label_chars: int = 15  # document ids are shown cut to this many characters (0: whole)
     answer_prefix: str = ANSWER_PREFIX
+    # auto: MMLongBench's own prompt (megatron_vlm/eval/mmlb_prompt.py) for MMLongBench document-QA
+    # data, ours (this module) for the rest; mmlb / ours: that one wherever it applies
+    format: str = "ours"
+    official: Any = None  # mmlb_prompt.OfficialDocQAPrompt, read from the user's checkout
+    mmlb_datasets: tuple = ()  # dataset names loaded from MMLongBench files (besides the official keys)
+
+
+def uses_official_prompt(instance, cfg: PromptConfig) -> bool:
+    """Whether ``instance`` gets MMLongBench's prompt: its document-QA data under ``auto`` or ``mmlb``."""
+    if cfg.format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt format {cfg.format!r}: expected one of {', '.join(PROMPT_FORMATS)}")
+    if cfg.format == "ours" or instance.task != "docqa":
+        return False
+    from megatron_vlm.eval.judge import is_mmlb_dataset
+    return is_mmlb_dataset(instance.dataset, cfg.mmlb_datasets)
 
 
 def doc_label(doc_id: str, cfg: PromptConfig) -> str:
@@ -98,7 +116,11 @@ def chat_messages(items: Sequence[ContextItem], task: str, question: str, gold_d
 
 
 def instance_messages(instance, cfg: PromptConfig) -> list[dict[str, Any]]:
-    """``chat_messages`` of a ``build.Instance``."""
+    """The chat of a ``build.Instance``: MMLongBench's own prompt where ``cfg`` asks for it, else
+    ``chat_messages``."""
+    if uses_official_prompt(instance, cfg):
+        from megatron_vlm.eval.mmlb_prompt import instance_official_messages
+        return instance_official_messages(instance, cfg.official)
     return chat_messages(instance.items, instance.task, instance.question, instance.gold_doc_id, cfg)
 
 
@@ -184,6 +206,7 @@ __all__ = [
     "ANSWER_PREFIX",
     "DOCQA_INSTRUCTION",
     "NIAH_INSTRUCTION",
+    "PROMPT_FORMATS",
     "PromptConfig",
     "TokenCounter",
     "chat_messages",
@@ -194,4 +217,5 @@ __all__ = [
     "page_label",
     "render_prompt",
     "user_content",
+    "uses_official_prompt",
 ]

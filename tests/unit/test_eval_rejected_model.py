@@ -58,7 +58,7 @@ def test_evaluate_stops_on_a_rejected_model_name(tmp_path):
     with FakeOpenAI(_no_such_model, max_requests=20) as server:
         run = subprocess.run([sys.executable, CLI, "--data", data, "--lengths", "8K", "--model",
                               f"served=openai:{server.url},model=x", "--output", str(out), "--no-progress",
-                              "--parallel", "2", "--max-pixels", "12544", "--judge", "rules"],
+                              "--parallel", "2", "--max-pixels", "12544", "--judge", "rules", "--prompt-format", "ours"],
                              capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
     assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-2000:]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
