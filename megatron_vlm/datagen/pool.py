@@ -40,6 +40,7 @@ from megatron_vlm.datagen import pdf as pdfmod
 from megatron_vlm.datagen.inputs import select_shard, sha256_file
 from megatron_vlm.datagen.language import detect_language, sample_text
 from megatron_vlm.datagen.layout import Block, label_document
+from megatron_vlm.datagen.near_dup import NearDuplicateFinder, text_minhash
 from megatron_vlm.datagen.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
 from megatron_vlm.datagen.records import (
     RETRYABLE,
@@ -267,6 +268,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             total_tokens=sum(p.tokens for p in pages), image_format=cfg.image_format, dpi=float(cfg.dpi),
             section_source=sections[0].source if sections else "pages", sections=sections, blocks=blocks_file,
             pages=pages, warnings=warnings[:MAX_WARNINGS], outline_ignored=outline_ignored,
+            text_minhash=text_minhash(b.text for c in contents for b in c.blocks),
         )
     finally:
         doc.close()
@@ -478,7 +480,8 @@ def shards_done(output: str, count: int) -> list[int]:
 
 def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
     """Merge shard manifests into ``manifest.jsonl`` (sorted by doc_id; duplicates across shards
-    dropped, keeping the smallest path), and write ``report.json`` and ``stats.json``.
+    dropped, keeping the smallest path; near duplicates by text (``near_dup``) dropped, keeping the
+    first by path), and write ``report.json`` and ``stats.json``.
 
     Streams: only a small summary per document is held in memory; record lines are copied
     verbatim from the shard files, so the merged bytes equal the shards' bytes.
@@ -486,7 +489,7 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
     missing = shards_done(output, count)
     if require_complete and missing:
         raise RuntimeError(f"shards not finished: {missing} of {count}")
-    entries = []  # (doc_id, sha256, source, shard, offset, length, summary)
+    entries = []  # (doc_id, sha256, source, shard, offset, length, summary, MinHash signature)
     rejections: dict[str, dict] = {}
     for i in range(count):
         files = shard_paths(output, i, count)
@@ -503,7 +506,8 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
                     summary = (rec["num_pages"], rec["language"], rec["total_tokens"], rec.get("section_source", ""),
                                tuple(Counter(p["source"] for p in rec["pages"]).items()),
                                bool(rec.get("outline_ignored")))
-                    entries.append((rec["doc_id"], rec["sha256"], rec["source"], i, offset, len(raw), summary))
+                    entries.append((rec["doc_id"], rec["sha256"], rec["source"], i, offset, len(raw), summary,
+                                    _signature(rec.get("text_minhash"))))
                     offset += len(raw)
         for rej in read_jsonl(files["rejected"]):
             rejections[rej["source"]] = rej  # the latest word on a path wins (--retry-failed)
@@ -516,22 +520,44 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
             kept[entry[1]] = entry
     accepted_sources = {e[2] for e in kept.values()}
     rejections = {s: r for s, r in rejections.items() if s not in accepted_sources}
+    finder = NearDuplicateFinder()  # same text, other bytes: the first by path is kept
+    by_source = {e[2]: e for e in kept.values()}
+    for source in sorted(by_source):
+        entry = by_source[source]
+        match = finder.add(source, entry[7])
+        if match is not None:
+            keeper = by_source[match[0]]
+            rejections[source] = Rejection(
+                source, "near_duplicate", f"estimated Jaccard similarity {match[1]:.3f} >= {finder.threshold} "
+                f"with doc_id {keeper[0]} (text layer, MinHash)", entry[1], duplicate_of=keeper[2]).to_dict()
+            del kept[entry[1]]
     ordered = sorted(kept.values(), key=lambda e: (e[0], e[1], e[2]))
 
     _copy_lines(output, count, [(e[3], e[4], e[5]) for e in ordered], os.path.join(output, "manifest.jsonl"))
 
     rejected_list = sorted(rejections.values(), key=lambda r: r["source"])
     stats = pool_stats([e[6] for e in ordered], rejected_list)
+    stats["near_duplicates"] = finder.stats()
     report = {
         "schema": SCHEMA,
         "shards": count,
         "counts": {"inputs": stats["documents"] + len(rejected_list), "accepted": stats["documents"],
                    "rejected": len(rejected_list), "rejected_by_reason": stats["rejected_by_reason"]},
+        "near_duplicates": stats["near_duplicates"],
         "rejected": rejected_list,
     }
     atomic_write_json(os.path.join(output, "report.json"), report)
     atomic_write_json(os.path.join(output, "stats.json"), stats)
     return stats
+
+
+def _signature(values) -> Any:
+    """A record's MinHash signature, compact in memory (merge holds one per document)."""
+    if not values:
+        return ()
+    import numpy as np
+
+    return np.asarray(values, dtype=np.uint64)
 
 
 def _copy_lines(output: str, count: int, spans: Sequence[tuple[int, int, int]], target: str) -> None:

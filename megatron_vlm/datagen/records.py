@@ -36,6 +36,7 @@ REJECT_REASONS = (
     "too_few_pages",  # below --min-pages (a 0-page document always)
     "too_many_pages",  # above --max-pages
     "duplicate",  # same SHA-256 as a document already in the pool
+    "near_duplicate",  # same text layer (MinHash Jaccard >= 0.8) as a document earlier by path (merge)
     "contaminated",  # SHA-256 in the exclusion list (evaluation benchmarks)
     "render_failure",  # a page does not render (or has an unusable size/aspect ratio)
     "timeout",  # over the per-document time limit: the worker was killed
@@ -81,6 +82,7 @@ class DocRecord:
     pages: list[PageRecord]
     warnings: list[str] = field(default_factory=list)
     schema: str = SCHEMA
+    text_minhash: list[int] = field(default_factory=list)  # near_dup.text_minhash ([] = too little text)
     outline_ignored: str = ""  # why the PDF outline failed sections.check_outline ("" = used or none)
 
     def to_dict(self) -> dict:

@@ -345,3 +345,48 @@ def test_real_debian_pdf(tmp_path):
     assert {"title", "section", "paragraph", "footer"} <= labels
     page2 = [(b["label"], b["text"]) for b in blocks[1]["blocks"] if b["label"] == "section"]
     assert ("section", "1 Introduction") in page2
+
+
+def test_near_duplicate_documents_kept_once(tmp_path):
+    """The same report re-saved (other metadata, garbage-collected and deflated: another SHA-256)
+    is a near duplicate of the first by path; an unrelated report is kept; in one shard or two."""
+    import pymupdf
+
+    folder = tmp_path / "pdfs"
+    folder.mkdir()
+    first = S.write_report_pdf(str(folder / "a_report.pdf"), S.ReportSpec(seed=1))
+    doc = pymupdf.open(first)
+    doc.set_metadata({"title": "Another title", "author": "Someone else", "producer": "re-saved"})
+    doc.save(str(folder / "b_resaved.pdf"), garbage=4, deflate=True)
+    doc.close()
+    other = S.write_report_pdf(str(folder / "c_other.pdf"), S.ReportSpec(seed=2))
+    resaved = str(folder / "b_resaved.pdf")
+    assert sha256_file(first) != sha256_file(resaved)
+    for shards in (1, 2):
+        output = str(tmp_path / f"pool-{shards}")
+        for index in range(shards):
+            run_shard(discover_inputs([str(folder)]), _cfg(output), shard=(index, shards), **QUIET)
+        stats = merge_pool(output, shards)
+        records = list(read_manifest(output))
+        assert sorted(r.source for r in records) == sorted([first, other])
+        with open(os.path.join(output, "report.json")) as f:
+            report = json.load(f)
+        (rejected,) = report["rejected"]
+        keeper = next(r for r in records if r.source == first)
+        assert rejected["reason"] == "near_duplicate" and rejected["source"] == resaved
+        assert rejected["duplicate_of"] == first and f"doc_id {keeper.doc_id}" in rejected["detail"]
+        assert float(rejected["detail"].split("similarity ")[1].split()[0]) >= 0.8
+        assert report["counts"]["rejected_by_reason"] == {"near_duplicate": 1}
+        assert stats["near_duplicates"]["compared"] == 3
+
+
+def test_little_text_is_not_compared():
+    from megatron_vlm.datagen.near_dup import MIN_WORDS, NearDuplicateFinder, text_minhash
+
+    assert text_minhash(["a scanned page with a caption"]) == []
+    finder = NearDuplicateFinder()
+    assert finder.add("scan-1.pdf", []) is None and finder.add("scan-2.pdf", []) is None
+    words = " ".join(f"word{i}" for i in range(MIN_WORDS))
+    assert finder.add("a.pdf", text_minhash([words])) is None
+    assert finder.add("b.pdf", text_minhash([words])) == ("a.pdf", 1.0)
+    assert finder.stats()["compared"] == 2 and finder.stats()[f"not_compared_under_{MIN_WORDS}_words"] == 2
