@@ -175,13 +175,19 @@ class OfficialPrompts:
     digest: str          # SHA-256 of all of the above texts (part of every cache key)
 
 
-def load_official_prompts(checkout: str) -> OfficialPrompts:
-    """The v1.1 judge prompts of an MMLongBench checkout (``utils_prompt.py`` and ``data.py``)."""
+def checkout_folder(checkout: str, file_name: str, flag: str) -> str:
+    """The MMLongBench checkout folder a user named (the folder, or ``file_name`` inside it)."""
     checkout = os.path.expanduser(checkout)
-    if os.path.isfile(checkout) and os.path.basename(checkout) == PROMPT_FILE:
+    if os.path.isfile(checkout) and os.path.basename(checkout) == file_name:
         checkout = os.path.dirname(checkout) or "."
     if not os.path.isdir(checkout):
-        raise PromptFileError(f"prompts={checkout}: not a folder; give your MMLongBench checkout")
+        raise PromptFileError(f"{flag}{checkout}: not a folder; give your MMLongBench checkout")
+    return checkout
+
+
+def load_official_prompts(checkout: str) -> OfficialPrompts:
+    """The v1.1 judge prompts of an MMLongBench checkout (``utils_prompt.py`` and ``data.py``)."""
+    checkout = checkout_folder(checkout, PROMPT_FILE, "prompts=")
     prompt_path = os.path.join(checkout, PROMPT_FILE)
     constants = string_constants(prompt_path)
     names = (SINGLE_PROMPT, SINGLE_CASE, LIST_PROMPT, LIST_CASE)

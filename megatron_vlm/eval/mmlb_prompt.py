@@ -29,7 +29,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from megatron_vlm.eval.mmlb_judge import (DATA_FILE, PromptFileError, _parse, _string_value, format_fields,
+from megatron_vlm.eval.mmlb_judge import (DATA_FILE, PromptFileError, _parse, _string_value, checkout_folder,
+                                          format_fields,
                                           question_prefix)
 
 PROMPT_LOADER = "load_doc_qa"  # the data.py function whose templates the model under test sees
@@ -65,11 +66,7 @@ def _function_strings(path: str, function: str) -> dict[str, str]:
 
 def load_official_docqa_prompt(checkout: str, function: str = PROMPT_LOADER) -> OfficialDocQAPrompt:
     """The model-under-test document-QA prompt of an MMLongBench checkout (``DIR/data.py``)."""
-    checkout = os.path.expanduser(checkout)
-    if os.path.isfile(checkout) and os.path.basename(checkout) == DATA_FILE:
-        checkout = os.path.dirname(checkout) or "."
-    if not os.path.isdir(checkout):
-        raise PromptFileError(f"--mmlb-dir {checkout}: not a folder; give your MMLongBench checkout")
+    checkout = checkout_folder(checkout, DATA_FILE, "--mmlb-dir ")
     path = os.path.join(checkout, DATA_FILE)
     strings = _function_strings(path, function)
     missing = [n for n in TEMPLATE_NAMES if n not in strings]

@@ -95,3 +95,17 @@ def make_documents(folder: str, count: int, pages: Sequence[int], seed: int = 0,
                                      task=("extract-single", "extract-multi", "reasoning")[i % 3],
                                      image_root=folder))
     return records
+
+
+def build_small_dataset(folder: str, max_seq_len: int = 512) -> str:
+    """A preprocessed dataset (16 small documents with 0-3 pages, small tokenizer); returns its prefix."""
+    from megatron_vlm.data.preprocess import PreprocessConfig, preprocess
+    from megatron_vlm.data.tokenization import SampleTokenizer
+
+    tok_dir = make_small_tokenizer_dir(os.path.join(folder, "tok"))
+    records = make_documents(os.path.join(folder, "pool"), 16, pages=[1, 2, 0, 3])
+    path = write_jsonl(os.path.join(folder, "mix.jsonl"), records)
+    config = PreprocessConfig(inputs=[path], output_prefix=os.path.join(folder, "ds"), tokenizer_dir=tok_dir,
+                              max_seq_len=max_seq_len, workers=0, progress=False)
+    preprocess(config, log=lambda *a: None, tokenizer=SampleTokenizer(tok_dir))
+    return config.output_prefix

@@ -13,21 +13,12 @@ import torch
 from megatron_vlm.data.dataset import BlendedRowDataset, PackedRowDataset, build_dataset
 from megatron_vlm.data.indexed import IndexedSamples
 from megatron_vlm.data.loader import PackedRowSampler, build_loader
-from megatron_vlm.data.preprocess import PreprocessConfig, preprocess
-from megatron_vlm.data.tokenization import SampleTokenizer
-from tests.unit.data_helpers import make_documents, make_small_tokenizer_dir, write_jsonl
+from tests.unit.data_helpers import build_small_dataset
 
 
 @pytest.fixture(scope="module")
 def prefix(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("loader"))
-    tok_dir = make_small_tokenizer_dir(os.path.join(folder, "tok"))
-    records = make_documents(os.path.join(folder, "pool"), 16, pages=[1, 2, 0, 3])
-    path = write_jsonl(os.path.join(folder, "mix.jsonl"), records)
-    config = PreprocessConfig(inputs=[path], output_prefix=os.path.join(folder, "ds"), tokenizer_dir=tok_dir,
-                              max_seq_len=512, workers=0, progress=False)
-    preprocess(config, log=lambda *a: None, tokenizer=SampleTokenizer(tok_dir))
-    return config.output_prefix
+    return build_small_dataset(str(tmp_path_factory.mktemp("loader")))
 
 
 def _same(a, b):

@@ -27,18 +27,10 @@ SYNTHETIC = ["--set", "data.max_seq_len=256", "--set", "schedule.global_batch_to
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> list[str]:
     """A preprocessed dataset read by one data-loader worker process (which gets the signal too)."""
-    from megatron_vlm.data.preprocess import PreprocessConfig, preprocess
-    from megatron_vlm.data.tokenization import SampleTokenizer
-    from tests.unit.data_helpers import make_documents, make_small_tokenizer_dir, write_jsonl
+    from tests.unit.data_helpers import build_small_dataset
 
-    folder = str(tmp_path_factory.mktemp("stopdata"))
-    tok_dir = make_small_tokenizer_dir(os.path.join(folder, "tok"))
-    records = make_documents(os.path.join(folder, "pool"), 16, pages=[1, 2, 0, 3])
-    path = write_jsonl(os.path.join(folder, "mix.jsonl"), records)
-    config = PreprocessConfig(inputs=[path], output_prefix=os.path.join(folder, "ds"), tokenizer_dir=tok_dir,
-                              max_seq_len=512, workers=0, progress=False)
-    preprocess(config, log=lambda *a: None, tokenizer=SampleTokenizer(tok_dir))
-    return ["--set", f"data.prefix={config.output_prefix}", "--set", "data.max_seq_len=512",
+    prefix = build_small_dataset(str(tmp_path_factory.mktemp("stopdata")))
+    return ["--set", f"data.prefix={prefix}", "--set", "data.max_seq_len=512",
             "--set", "schedule.global_batch_tokens=1024", "--set", "data.num_workers=1"]
 
 
