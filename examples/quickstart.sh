@@ -36,9 +36,9 @@ export PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 
 rm -rf "$WORK" && mkdir -p "$WORK"
 step "1. PDFs: 14 generated reports for training, 4 held out for evaluation, + the broken-file set"
-"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/train" --corpus 14 --seed 1
-"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/eval" --corpus 4 --seed 2
-"$PY" -m megatron_vlm.datagen.synthetic_pdfs "$WORK/pdfs/broken" >/dev/null
+"$PY" -m megatron_vlm.pool.synthetic_pdfs "$WORK/pdfs/train" --corpus 14 --seed 1
+"$PY" -m megatron_vlm.pool.synthetic_pdfs "$WORK/pdfs/eval" --corpus 4 --seed 2
+"$PY" -m megatron_vlm.pool.synthetic_pdfs "$WORK/pdfs/broken" >/dev/null
 
 step "2. document pools (training pool excludes the held-out documents by SHA-256)"
 "$PY" tools/build_doc_pool.py --input "$WORK/pdfs/eval" --output "$WORK/pool_eval" --dpi 24 --min-pages 8 --workers 2

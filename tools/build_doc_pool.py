@@ -8,7 +8,7 @@
 
 A rerun skips finished documents. With ``--shard I/N`` each array task writes
 ``POOL/shards/*-I-of-N.*``; the task that finishes last merges (or run ``--merge-only``). Output:
-``POOL/manifest.jsonl``, ``POOL/report.json``, ``POOL/stats.json`` (see megatron_vlm/datagen/records.py).
+``POOL/manifest.jsonl``, ``POOL/report.json``, ``POOL/stats.json`` (see megatron_vlm/pool/records.py).
 On Slurm: ``sbatch --array=0-63 --cpus-per-task=16 --wrap "python tools/build_doc_pool.py --input
 pdfs.txt --output POOL --workers 16 --shard slurm"``; resubmitting the same array resumes it.
 """
@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from megatron_vlm import cli  # noqa: E402
-from megatron_vlm.datagen.pdf import PdfLimits  # noqa: E402
+from megatron_vlm.pool.pdf import PdfLimits  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace):
-    from megatron_vlm.datagen.pool import PoolConfig
+    from megatron_vlm.pool.build import PoolConfig
 
     limits = PdfLimits(
         max_file_bytes=int(args.max_file_mb * 2**20),
@@ -100,8 +100,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.datagen.inputs import parse_shard
-    from megatron_vlm.locks import lock_path_for, output_lock
+    from megatron_vlm.common.inputs import parse_shard
+    from megatron_vlm.common.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
     output = os.path.abspath(args.output)
@@ -115,8 +115,8 @@ def main(argv=None) -> int:
 
 
 def _main(args: argparse.Namespace, output: str) -> int:
-    from megatron_vlm.datagen.inputs import discover_inputs, parse_shard, read_hash_list
-    from megatron_vlm.datagen.pool import format_stats, merge_pool, run_shard, shard_paths, shards_done
+    from megatron_vlm.common.inputs import discover_inputs, parse_shard, read_hash_list
+    from megatron_vlm.pool.build import format_stats, merge_pool, run_shard, shard_paths, shards_done
 
     cli.on_stop(lambda: f"stopped: merge of {output} not finished; {cli.RESUME}")
     if args.merge_only:

@@ -156,7 +156,7 @@ def _safe_name(name: str) -> str:
 
 
 def _write_jsonl(path: str, records) -> None:
-    from megatron_vlm.datagen.storage import atomic_write_bytes, dumps
+    from megatron_vlm.common.storage import atomic_write_bytes, dumps
 
     atomic_write_bytes(path, "".join(dumps(r) + "\n" for r in records).encode("utf-8"))
 
@@ -235,7 +235,7 @@ def build_instances(args, out_dir: str):
                     if item.doc_id in hashes:
                         used_docs[item.doc_id] = hashes[item.doc_id]
     if used_docs:
-        from megatron_vlm.datagen.storage import atomic_write_bytes
+        from megatron_vlm.common.storage import atomic_write_bytes
 
         atomic_write_bytes(os.path.join(out_dir, "eval_hashes.txt"),
                            ("# SHA-256 of the pool documents this evaluation uses: exclude them from training\n"
@@ -271,7 +271,7 @@ def generate(args, spec, instances, out_dir: str, mmlb_names=(), prompt=None) ->
     from tqdm import tqdm
 
     from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS
-    from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
+    from megatron_vlm.common.storage import JsonlAppender, read_jsonl
     from megatron_vlm.eval.backends import BackendError, GenerationConfig, RequestRejected, make_backend
     from megatron_vlm.eval.build import format_length
 
@@ -350,7 +350,7 @@ def _with_doc_name(record: dict, inst) -> dict:
 
 
 def run(args) -> int:
-    from megatron_vlm.datagen.storage import atomic_write_json
+    from megatron_vlm.common.storage import atomic_write_json
     from megatron_vlm.eval.backends import check_model_spec, parse_model_spec
     from megatron_vlm.eval.build import parse_lengths
     from megatron_vlm.eval.judge import JudgeError, score_records
@@ -431,14 +431,14 @@ def score(args) -> int:
     from megatron_vlm.eval.judge import JudgeError, score_records
     from megatron_vlm.eval.report import write_report
     from megatron_vlm.eval.scoring import normalize_format
-    from megatron_vlm.jsonl import iter_jsonl
+    from megatron_vlm.common.jsonl import iter_jsonl_lines
 
     good: list[tuple[str, dict]] = []
     bad: list[str] = []
     for path in args.predictions:
         if not os.path.isfile(path):
             raise SystemExit(f"error: {path} does not exist")
-        for number, where, record in iter_jsonl(path):
+        for number, where, record in iter_jsonl_lines(path):
             if isinstance(record, json.JSONDecodeError):
                 bad.append(f"{where}: not valid JSON ({record.msg})")
                 continue
@@ -501,7 +501,7 @@ def score(args) -> int:
 
 # ------------------------------------------------------------------------- holdout
 def holdout(args) -> int:
-    from megatron_vlm.datagen.inputs import read_hash_list
+    from megatron_vlm.common.inputs import read_hash_list
     from megatron_vlm.eval.data import pick_heldout_documents, write_hash_list
 
     exclude = set()

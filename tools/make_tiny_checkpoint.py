@@ -62,7 +62,7 @@ def write_model_dir(out_dir: str, preset: str = "tiny-serve", seed: int = 0, std
     import torch
 
     from megatron_vlm.data.tokenizer import QWEN25VL_CHAT_TEMPLATE, default_tokenizer_dir
-    from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
+    from megatron_vlm.common.storage import atomic_write_bytes, atomic_write_json
     from megatron_vlm.testing import random_hf_model
 
     overrides = {} if tie_word_embeddings is None else {"tie_word_embeddings": tie_word_embeddings}

@@ -23,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from megatron_vlm import cli  # noqa: E402
-from megatron_vlm.datagen.mixing import (DISTRIBUTIONS, LONG_BIASED_FRACTION, LONG_THRESHOLD, MixConfig,  # noqa: E402
+from megatron_vlm.mixing.mixer import (DISTRIBUTIONS, LONG_BIASED_FRACTION, LONG_THRESHOLD, MixConfig,  # noqa: E402
                                          MixError, mix, parse_input_spec, parse_task_mix, parse_token_count)
 
 
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.locks import lock_path_for, output_lock
+    from megatron_vlm.common.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
     with output_lock(lock_path_for(args.output), args.output):  # one writer per output: a second run is refused

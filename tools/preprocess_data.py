@@ -73,7 +73,7 @@ def pack(prefix: str, max_seq_len: int, cp_size: int, tp_size: int, sequence_par
     from megatron_vlm.data.dataset import plan_path
     from megatron_vlm.data.indexed import IndexedSamples
     from megatron_vlm.data.packing import format_packing_stats, pack_best_fit_decreasing, pad_multiple_for
-    from megatron_vlm.datagen.storage import atomic_write_json
+    from megatron_vlm.common.storage import atomic_write_json
 
     samples = IndexedSamples(prefix)
     plan = pack_best_fit_decreasing(samples.lengths, max_seq_len, pad_multiple_for(cp_size, tp_size,
@@ -105,8 +105,8 @@ def empty_result(meta: dict, args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.datagen.inputs import parse_shard
-    from megatron_vlm.locks import lock_path_for, output_lock
+    from megatron_vlm.common.inputs import parse_shard
+    from megatron_vlm.common.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
     try:
@@ -126,7 +126,7 @@ def _main(args: argparse.Namespace) -> int:
              args.pack_seed)
         return 0
     from megatron_vlm.data.preprocess import PreprocessConfig, merge_parts, preprocess
-    from megatron_vlm.datagen.inputs import parse_shard
+    from megatron_vlm.common.inputs import parse_shard
 
     try:
         shard, num_shards = parse_shard(args.shard)

@@ -6,7 +6,7 @@
       [--concurrency K] [--seed S] [--min-pages 32 --max-pages 50]
 
 Writes OUT.jsonl (one training sample per line, the megatron_vlm/data/samples.py format; schema in
-megatron_vlm/datagen/synthesize.py and the README), OUT.dropped.jsonl (every dropped job and why),
+megatron_vlm/synthesis/synthesize.py and the README), OUT.dropped.jsonl (every dropped job and why),
 OUT.report.json (counts, drop reasons, token statistics, teacher usage and cost) and
 OUT.settings.json. A rerun with the same settings resumes: finished jobs are skipped, nothing is
 duplicated. The openai teacher reads its API key from the environment variable named by
@@ -24,7 +24,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from megatron_vlm import cli  # noqa: E402
-from megatron_vlm.datagen.synthesize import ALL_TASKS, OCR_TASKS  # noqa: E402
+from megatron_vlm.synthesis.synthesize import ALL_TASKS, OCR_TASKS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,15 +76,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_teacher(args: argparse.Namespace):
-    from megatron_vlm.datagen.teachers import OpenAIConfig
+    from megatron_vlm.synthesis.teachers import OpenAIConfig
 
     if args.task in OCR_TASKS:
         return None
     if args.teacher == "offline":
-        from megatron_vlm.datagen.offline_teacher import OfflineTeacher
+        from megatron_vlm.synthesis.offline_teacher import OfflineTeacher
 
         return OfflineTeacher()
-    from megatron_vlm.datagen.teachers import OpenAITeacher
+    from megatron_vlm.synthesis.teachers import OpenAITeacher
 
     if not args.base_url or not args.model:
         raise ValueError("--teacher openai needs --base-url and --model")
@@ -123,7 +123,7 @@ def summary(report: dict) -> str:
 
 def _start_again(output: str) -> None:
     """--force: remove OUT.jsonl and its sidecars (the teacher cache is kept)."""
-    from megatron_vlm.datagen.synthesize import sidecar
+    from megatron_vlm.synthesis.synthesize import sidecar
 
     for path in (output, *(sidecar(output, n) for n in ("dropped.jsonl", "report.json", "settings.json"))):
         if os.path.isfile(path):
@@ -131,7 +131,7 @@ def _start_again(output: str) -> None:
 
 
 def main(argv=None) -> int:
-    from megatron_vlm.locks import lock_path_for, output_lock
+    from megatron_vlm.common.locks import lock_path_for, output_lock
 
     args = parse_args(argv)
     with output_lock(lock_path_for(args.output), args.output):  # one writer per output: a second run is refused
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, shortfall, sidecar
-    from megatron_vlm.datagen.teachers import TeacherFatalError
+    from megatron_vlm.synthesis.synthesize import SynthesisConfig, Synthesizer, shortfall, sidecar
+    from megatron_vlm.synthesis.teachers import TeacherFatalError
 
     cli.on_stop(lambda: (f"stopped: {cli.count_lines(args.output)} of {args.num_samples} samples written to "
                          f"{args.output} (report: {sidecar(args.output, 'report.json')}); {cli.RESUME}"))

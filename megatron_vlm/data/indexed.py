@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
+from megatron_vlm.common.storage import atomic_write_bytes, atomic_write_json
 
 FORMAT = "megatron-vlm-indexed-v1"
 TOKENS, LOSS_MASK, IMAGE_REFS, IMAGES, IMAGE_INFO = "tokens", "loss_mask", "image_refs", "images", "image_info"

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megatron_vlm.datagen.storage import atomic_write_bytes
+from megatron_vlm.common.storage import atomic_write_bytes
 
 
 def pad_multiple_for(cp_size: int = 1, tp_size: int = 1, sequence_parallel: bool = False) -> int:

@@ -7,7 +7,7 @@ range of chunks; when every chunk is done the parts are merged, in order, into `
 chunking does not depend on the number of shards or workers, and the merge de-duplicates images by
 content in order of first use, any split of the work gives the same files as one worker.
 
-Workers (``datagen.workers.run_tasks``: separate processes with a time limit per sample) parse,
+Workers (``common.workers.run_tasks``: separate processes with a time limit per sample) parse,
 tokenize and hash the images of one line each; the main process writes results in input order.
 Every line that does not make it is reported with its file:line and reason: bad JSON or record,
 missing or unreadable image, image token count that disagrees with the file, no answer, longer
@@ -30,8 +30,8 @@ from megatron_vlm.data.indexed import (IndexedWriter, SampleRecord, is_complete,
 from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import Sample, SampleError
 from megatron_vlm.data.tokenization import SampleTokenizer, TokenizationError, sample_image_sizes, truncate
-from megatron_vlm.datagen.storage import atomic_write_json
-from megatron_vlm.datagen.inputs import sha256_file
+from megatron_vlm.common.storage import atomic_write_json
+from megatron_vlm.common.inputs import sha256_file
 
 OVERLONG_POLICIES = ("drop", "truncate")
 
@@ -257,7 +257,7 @@ class _PartWriter:
 def run_shard(config: PreprocessConfig, shard: int = 0, num_shards: int = 1,
               tokenizer: Optional[SampleTokenizer] = None, log=print) -> dict:
     """Process this shard's unfinished chunks. Returns counts and throughput of this call."""
-    from megatron_vlm.datagen.workers import run_tasks
+    from megatron_vlm.common.workers import run_tasks
 
     config.validate()
     tokenizer = tokenizer or SampleTokenizer(config.tokenizer_dir)
@@ -328,7 +328,7 @@ def run_shard(config: PreprocessConfig, shard: int = 0, num_shards: int = 1,
 
 
 def _run_inline(item, payload):
-    from megatron_vlm.datagen.workers import Outcome
+    from megatron_vlm.common.workers import Outcome
 
     start = time.monotonic()
     try:

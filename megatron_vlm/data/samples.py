@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from megatron_vlm.jsonl import iter_jsonl
+from megatron_vlm.common.jsonl import iter_jsonl_lines
 
 TASKS = ("extract-single", "extract-multi", "reasoning", "ocr-full", "ocr-needle", "short", "eval")
 ROLES = ("system", "user", "assistant")
@@ -151,7 +151,7 @@ class Sample:
 def read_samples(path: str) -> Iterator[tuple[int, Sample | SampleError]]:
     """(line number, sample or the error for that line) for every non-empty line; never stops early,
     so callers can count and report every bad line."""
-    for number, where, record in iter_jsonl(path):
+    for number, where, record in iter_jsonl_lines(path):
         if isinstance(record, json.JSONDecodeError):
             yield number, SampleError(f"{where}: not valid JSON ({record.msg} at column {record.colno})")
             continue

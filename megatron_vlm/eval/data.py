@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from megatron_vlm.jsonl import iter_jsonl
+from megatron_vlm.common.jsonl import iter_jsonl_lines
 from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS, image_token_count
 from megatron_vlm.eval.scoring import normalize_format
 
@@ -238,8 +238,8 @@ def page_tokens(path: str, cfg: DataConfig) -> int:
 
 # ------------------------------------------------------------------------- pools
 def pool_documents(pool_dir: str, cfg: DataConfig) -> dict[str, Document]:
-    """Every document of a pool (``datagen/records.read_manifest``), pages with absolute paths."""
-    from megatron_vlm.datagen.records import read_manifest
+    """Every document of a pool (``pool/records.read_manifest``), pages with absolute paths."""
+    from megatron_vlm.pool.records import read_manifest
 
     manifest = os.path.join(pool_dir, "manifest.jsonl")
     if not os.path.isfile(manifest):
@@ -260,7 +260,7 @@ def pick_heldout_documents(pool_dir: str, count: Optional[int] = None, seed: int
     """Held-out documents of a pool (``DocRecord``s), a seeded random choice of ``count`` (all if
     None) among those not excluded. Write their hashes with :func:`write_hash_list` and pass that
     file to ``tools/build_doc_pool.py --exclude-hashes`` so training never sees them."""
-    from megatron_vlm.datagen.records import read_manifest
+    from megatron_vlm.pool.records import read_manifest
 
     skip_ids, skip_hashes = set(exclude_doc_ids), {h.lower() for h in exclude_hashes}
     records = [r for r in read_manifest(pool_dir) if r.doc_id not in skip_ids and r.sha256 not in skip_hashes]
@@ -271,7 +271,7 @@ def pick_heldout_documents(pool_dir: str, count: Optional[int] = None, seed: int
 
 def write_hash_list(path: str, docs: Iterable[Any]) -> int:
     """``sha256  doc_id`` per line (the first field is what ``--exclude-hashes`` reads)."""
-    from megatron_vlm.datagen.storage import atomic_write_bytes
+    from megatron_vlm.common.storage import atomic_write_bytes
 
     lines = sorted({f"{d.sha256}  {d.doc_id}" for d in docs if getattr(d, "sha256", None)})
     atomic_write_bytes(path, ("# SHA-256 of evaluation documents: exclude them from training pools\n"
@@ -485,7 +485,7 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
     bad_keys: set[str] = set()
     picked: dict[str, set[int]] = {}  # example key -> lengths whose file chose it
     for length, path in sorted(by_length.items()):
-        lines = list(iter_jsonl(path))
+        lines = list(iter_jsonl_lines(path))
         chosen = set(official_selection(len(lines), cfg.max_test_samples, cfg.selection_seed))
         if len(chosen) < len(lines):
             out.info.setdefault("selected", {})[str(length)] = f"{len(chosen)} of {len(lines)}"
@@ -666,7 +666,7 @@ def _write_number_card(path: str, number: int) -> None:
     """A 448x224 white card with a black frame and the number in large digits (deterministic)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from megatron_vlm.datagen.storage import atomic_write_bytes
+    from megatron_vlm.common.storage import atomic_write_bytes
 
     if os.path.isfile(path):
         return

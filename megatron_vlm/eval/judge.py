@@ -175,7 +175,7 @@ class JudgeCache:
         self._pending: dict[str, _Pending] = {}
         self._appender = None
         if path:
-            from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl
+            from megatron_vlm.common.storage import JsonlAppender, read_jsonl
 
             for entry in read_jsonl(path, repair=True):
                 if isinstance(entry, dict) and "key" in entry:

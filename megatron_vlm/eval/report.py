@@ -22,7 +22,7 @@ import os
 from collections import defaultdict
 from typing import Iterable, Optional, Sequence
 
-from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
+from megatron_vlm.common.storage import atomic_write_bytes, atomic_write_json
 from megatron_vlm.eval.build import format_length, parse_length
 
 SUITE_TITLES = {"docqa": "Long-document VQA (MMLongBench-style)", "niah": "Needle in a haystack"}

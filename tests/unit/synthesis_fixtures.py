@@ -11,7 +11,7 @@ from typing import Optional
 
 # PyMuPDF only through the pool's importer: with its ONNX layout add-on loaded, find_tables splits
 # decimal points out of numbers ("449.7" -> "4497 ."), and the pool built in this process would differ.
-from megatron_vlm.datagen.pdf import import_pymupdf
+from megatron_vlm.pool.pdf import import_pymupdf
 
 WORDS = ("amber basil cedar delta ember fjord garnet harbor island juniper kettle lantern meadow nectar "
          "orchard pepper quarry raven saffron timber umber valley willow yarrow zephyr anchor beacon canyon "
@@ -201,7 +201,7 @@ def write_facts_pdf(path: str, seed: int = 0, title: str = "Coastal Facts Report
 
 def build_pool(inputs: list[str], output: str) -> str:
     """A merged pool of ``inputs`` built in-process by the real pool stage."""
-    from megatron_vlm.datagen.pool import PoolConfig, merge_pool, run_shard
+    from megatron_vlm.pool.build import PoolConfig, merge_pool, run_shard
 
     # one spawned worker: a fresh interpreter, whatever this process has imported (see import_pymupdf above)
     cfg = PoolConfig(output=output, min_pages=1, workers=1, progress=False)

@@ -22,7 +22,7 @@ import pytest
 if importlib.util.find_spec("pymupdf") is None:
     pytest.skip("needs PyMuPDF", allow_module_level=True)
 
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
 from tests.unit.data_helpers import make_documents, make_small_tokenizer_dir, write_jsonl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

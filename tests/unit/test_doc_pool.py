@@ -22,8 +22,8 @@ if importlib.util.find_spec("pymupdf") is None:  # without importing it: its add
     pytest.skip("PyMuPDF is not installed", allow_module_level=True)
 
 from megatron_vlm.data.image_processing import image_token_count  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.inputs import (  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.common.inputs import (  # noqa: E402
     discover_inputs,
     parse_shard,
     read_hash_list,
@@ -31,10 +31,10 @@ from megatron_vlm.datagen.inputs import (  # noqa: E402
     sha256_file,
     shard_of,
 )
-from megatron_vlm.datagen.pool import PoolConfig, format_stats, merge_pool, run_shard, shard_paths  # noqa: E402
-from megatron_vlm.datagen.records import REJECT_REASONS, DocRecord, load_blocks, read_manifest  # noqa: E402
-from megatron_vlm.datagen.storage import JsonlAppender, read_jsonl  # noqa: E402
-from megatron_vlm.datagen.workers import run_tasks  # noqa: E402
+from megatron_vlm.pool.build import PoolConfig, format_stats, merge_pool, run_shard, shard_paths  # noqa: E402
+from megatron_vlm.pool.records import REJECT_REASONS, DocRecord, load_blocks, read_manifest  # noqa: E402
+from megatron_vlm.common.storage import JsonlAppender, read_jsonl  # noqa: E402
+from megatron_vlm.common.workers import run_tasks  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = os.path.join(REPO, "tools", "build_doc_pool.py")
@@ -381,7 +381,7 @@ def test_near_duplicate_documents_kept_once(tmp_path):
 
 
 def test_little_text_is_not_compared():
-    from megatron_vlm.datagen.near_dup import MIN_WORDS, NearDuplicateFinder, text_minhash
+    from megatron_vlm.pool.near_dup import MIN_WORDS, NearDuplicateFinder, text_minhash
 
     assert text_minhash(["a scanned page with a caption"]) == []
     finder = NearDuplicateFinder()

@@ -12,11 +12,11 @@ import pytest
 if importlib.util.find_spec("pymupdf") is None:  # without importing it: its add-ons load ONNX
     pytest.skip("PyMuPDF is not installed", allow_module_level=True)
 
-from megatron_vlm.datagen import pdf as P  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.language import UNKNOWN, detect_language, sample_text  # noqa: E402
-from megatron_vlm.datagen.layout import LayoutConfig, label_document, running_blocks  # noqa: E402
-from megatron_vlm.datagen.sections import (  # noqa: E402
+from megatron_vlm.pool import pdf as P  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.pool.language import UNKNOWN, detect_language, sample_text  # noqa: E402
+from megatron_vlm.pool.layout import LayoutConfig, label_document, running_blocks  # noqa: E402
+from megatron_vlm.pool.sections import (  # noqa: E402
     FRONT_MATTER,
     Heading,
     Section,
@@ -205,8 +205,8 @@ def test_language_unknown_without_text():
 
 
 def _pool_record(path, tmp_path):
-    from megatron_vlm.datagen.inputs import sha256_file
-    from megatron_vlm.datagen.pool import DocTask, PoolConfig, process_document
+    from megatron_vlm.common.inputs import sha256_file
+    from megatron_vlm.pool.build import DocTask, PoolConfig, process_document
 
     task = DocTask(source=path, sha256=sha256_file(path), file_bytes=os.path.getsize(path))
     result = process_document(task, PoolConfig(output=str(tmp_path / "pool"), min_pages=1, workers=0, progress=False))

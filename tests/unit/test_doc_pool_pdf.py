@@ -14,10 +14,10 @@ if importlib.util.find_spec("pymupdf") is None:  # without importing it: its add
     pytest.skip("PyMuPDF is not installed", allow_module_level=True)
 
 from megatron_vlm.data.image_processing import MAX_PIXELS  # noqa: E402
-from megatron_vlm.datagen import pdf as P  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.inputs import sha256_file  # noqa: E402
-from megatron_vlm.datagen.pool import DocTask, PoolConfig, process_document  # noqa: E402
+from megatron_vlm.pool import pdf as P  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.common.inputs import sha256_file  # noqa: E402
+from megatron_vlm.pool.build import DocTask, PoolConfig, process_document  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +35,7 @@ def _reference(height: int, width: int) -> tuple[int, int, int]:
 
 
 def test_import_skips_onnx_addons():
-    code = ("import sys; from megatron_vlm.datagen.pdf import import_pymupdf; import_pymupdf(); "
+    code = ("import sys; from megatron_vlm.pool.pdf import import_pymupdf; import_pymupdf(); "
             "bad = [m for m in ('onnxruntime', 'pymupdf.layout', 'pymupdf4llm') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -182,7 +182,7 @@ def test_image_only_page_goes_through_ocr(tmp_path):
     assert record["pages"][0]["source"] == "ocr"
     assert record["pages"][0]["num_chars"] > 200
     assert record["language"] == "en"
-    from megatron_vlm.datagen.records import DocRecord, load_blocks
+    from megatron_vlm.pool.records import DocRecord, load_blocks
 
     blocks = load_blocks(cfg.output, DocRecord.from_dict(record))[0]["blocks"]
     text = " ".join(b["text"] for b in blocks)

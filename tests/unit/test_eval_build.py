@@ -14,7 +14,7 @@ from PIL import Image
 
 from megatron_vlm.data.image_processing import image_token_count
 from megatron_vlm.data.tokenizer import load_tokenizer
-from megatron_vlm.datagen.inputs import read_hash_list
+from megatron_vlm.common.inputs import read_hash_list
 from megatron_vlm.eval.build import Instance, format_length, instantiate, parse_length, parse_lengths
 from megatron_vlm.eval.data import (ContextItem, DataConfig, DataError, DocPage, Document, Dropped, EvalExample,
                                     load_data, page_number_from_path, pick_heldout_documents, write_hash_list)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from megatron_vlm.checkpoint.convert import hf_to_megatron
-from megatron_vlm.datagen.inputs import read_hash_list
-from megatron_vlm.datagen.records import read_manifest
+from megatron_vlm.common.inputs import read_hash_list
+from megatron_vlm.pool.records import read_manifest
 from tests.conftest import REPO, random_hf_model
 
 CLI = os.path.join(REPO, "tools", "evaluate.py")
@@ -34,7 +34,7 @@ def _question(sid, doc, question, answer, fmt, evidence):
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, megatron_world):
     root = tmp_path_factory.mktemp("eval_e2e")
-    for cmd in ([sys.executable, "-m", "megatron_vlm.datagen.synthetic_pdfs", str(root / "pdfs")],
+    for cmd in ([sys.executable, "-m", "megatron_vlm.pool.synthetic_pdfs", str(root / "pdfs")],
                 [sys.executable, os.path.join(REPO, "tools", "build_doc_pool.py"), "--input", str(root / "pdfs"),
                  "--output", str(root / "pool"), "--min-pages", "1", "--workers", "0", "--no-progress"]):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)

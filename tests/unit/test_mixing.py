@@ -12,7 +12,7 @@ from PIL import Image
 
 from megatron_vlm.data.samples import Sample, SampleError, read_samples
 from megatron_vlm.data.tokenization import SampleTokenizer
-from megatron_vlm.datagen.mixing import (Candidate, InputSpec, MixConfig, MixError, build_groups, llava_to_sample,
+from megatron_vlm.mixing.mixer import (Candidate, InputSpec, MixConfig, MixError, build_groups, llava_to_sample,
                                          mix, parse_input_spec, parse_task_mix, parse_token_count, select,
                                          table_stats)
 from tests.unit.data_helpers import make_image, make_small_tokenizer_dir, sample_record, write_jsonl

@@ -20,11 +20,11 @@ if importlib.util.find_spec("pymupdf") is None or importlib.util.find_spec("open
 
 from megatron_vlm import cli  # noqa: E402
 from megatron_vlm.data.samples import Sample, SampleError, read_samples  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.offline_teacher import OfflineTeacher  # noqa: E402
-from megatron_vlm.datagen.records import read_manifest  # noqa: E402
-from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, TokenCounter, sidecar  # noqa: E402
-from megatron_vlm.locks import lock_path_for, output_lock  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.synthesis.offline_teacher import OfflineTeacher  # noqa: E402
+from megatron_vlm.pool.records import read_manifest  # noqa: E402
+from megatron_vlm.synthesis.synthesize import SynthesisConfig, Synthesizer, TokenCounter, sidecar  # noqa: E402
+from megatron_vlm.common.locks import lock_path_for, output_lock  # noqa: E402
 from tests.unit.data_helpers import make_documents, make_image, make_small_tokenizer_dir, write_jsonl  # noqa: E402
 from tests.unit.synthesis_fixtures import build_pool  # noqa: E402
 from tests.unit.test_synthesis_openai import FakeChatServer, make_teacher  # noqa: E402
@@ -189,7 +189,7 @@ def test_mix_preprocess_and_pool_refuse_a_locked_output(tmp_path, small_tok_dir)
 def test_the_lock_is_released_when_its_process_dies(tmp_path):
     lock = str(tmp_path / "out.lock")
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from megatron_vlm.locks import output_lock\n"
+                               "from megatron_vlm.common.locks import output_lock\n"
                                "with output_lock(sys.argv[2]):\n    print('held', flush=True); time.sleep(60)",
                                REPO, lock], stdout=subprocess.PIPE, text=True)
     try:
@@ -246,7 +246,7 @@ def test_preprocess_drops_images_outside_the_root_with_line_and_reason(tmp_path,
 
 def test_mixing_drops_images_outside_the_root_with_line_and_reason(tmp_path, small_tok_dir):
     from megatron_vlm.data.tokenization import SampleTokenizer
-    from megatron_vlm.datagen.mixing import InputSpec, MixConfig, mix
+    from megatron_vlm.mixing.mixer import InputSpec, MixConfig, mix
 
     path, bad = _escaping_samples(tmp_path)
     out = str(tmp_path / "mix.jsonl")
@@ -383,7 +383,7 @@ def test_documents_that_cannot_fit_are_counted_before_any_job(pool, counter, tmp
 def test_default_page_windows_follow_the_paper():
     """Table 10a: pool-native synthesis uses 32-50-page documents; the pool keeps 20-200 pages (§5.1),
     which holds that window and the long-biased 50-100 one."""
-    from megatron_vlm.datagen.pool import PoolConfig
+    from megatron_vlm.pool.build import PoolConfig
 
     synth = _load("synthesize_vqa").build_parser().parse_args(["--pool", "p", "--task", "ocr-full", "--output", "o",
                                                                "--num-samples", "1"])

@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from megatron_vlm.datagen.mixing import Candidate, histogram_axis, plot_histogram
+from megatron_vlm.mixing.mixer import Candidate, histogram_axis, plot_histogram
 from megatron_vlm.eval.report import model_styles, plot_panels, summarize, write_report
 
 

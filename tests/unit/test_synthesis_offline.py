@@ -20,11 +20,11 @@ if importlib.util.find_spec("pymupdf") is None:
     pytest.skip("PyMuPDF is not installed", allow_module_level=True)
 
 from megatron_vlm.data.samples import read_samples  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.offline_teacher import OfflineTeacher  # noqa: E402
-from megatron_vlm.datagen.records import load_blocks, read_manifest  # noqa: E402
-from megatron_vlm.datagen.sections import Section, segment_candidates  # noqa: E402
-from megatron_vlm.datagen.synthesize import (  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.synthesis.offline_teacher import OfflineTeacher  # noqa: E402
+from megatron_vlm.pool.records import load_blocks, read_manifest  # noqa: E402
+from megatron_vlm.pool.sections import Section, segment_candidates  # noqa: E402
+from megatron_vlm.synthesis.synthesize import (  # noqa: E402
     SynthesisConfig,
     Synthesizer,
     TokenCounter,
@@ -33,7 +33,7 @@ from megatron_vlm.datagen.synthesize import (  # noqa: E402
     page_references,
     sidecar,
 )
-from megatron_vlm.datagen.teachers import QAPair, TeacherRequest  # noqa: E402
+from megatron_vlm.synthesis.teachers import QAPair, TeacherRequest  # noqa: E402
 from tests.unit.synthesis_fixtures import DocTruth, build_pool, write_facts_pdf  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,7 +203,7 @@ def test_offline_teacher_answers_are_all_correct(facts):
 
 def test_offline_teacher_never_uses_scattered_table_text(tmp_path):
     """A table whose extraction split decimal points off ("4497 .") must not be asked about."""
-    from megatron_vlm.datagen.offline_teacher import parse_table
+    from megatron_vlm.synthesis.offline_teacher import parse_table
 
     good = [["Region", "Q1"], ["A", "449.7"], ["B", "12.5"]]
     assert parse_table(3, good) is not None
@@ -439,7 +439,7 @@ def test_real_pdf_end_to_end(tmp_path, counter):
     checked against PyMuPDF's own reading of the PDF."""
     import asyncio
 
-    from megatron_vlm.datagen.pdf import import_pymupdf
+    from megatron_vlm.pool.pdf import import_pymupdf
     from tests.unit.test_doc_pool import _debian_pdf
 
     pdf = _debian_pdf("texlive-latex-base-doc", DEB_PDF)
@@ -473,7 +473,7 @@ def test_real_pdf_end_to_end(tmp_path, counter):
 
 def test_offline_facts_skip_unsafe_text():
     """Wrapped key-value lines, long caption blocks, hyphen-broken words and OCR pages give no facts."""
-    from megatron_vlm.datagen.offline_teacher import _caption_kinds, _phrase_candidates, page_facts
+    from megatron_vlm.synthesis.offline_teacher import _caption_kinds, _phrase_candidates, page_facts
 
     def page(*blocks, source="text"):
         return {"page": 4, "source": source, "blocks": [{"label": label, "text": text} for label, text in blocks]}

@@ -24,10 +24,10 @@ if importlib.util.find_spec("pymupdf") is None or importlib.util.find_spec("open
     pytest.skip("needs PyMuPDF and openai", allow_module_level=True)
 
 from megatron_vlm.data.samples import read_samples  # noqa: E402
-from megatron_vlm.datagen import synthetic_pdfs as S  # noqa: E402
-from megatron_vlm.datagen.records import read_manifest  # noqa: E402
-from megatron_vlm.datagen.synthesize import SynthesisConfig, Synthesizer, TokenCounter, sidecar  # noqa: E402
-from megatron_vlm.datagen.teachers import (  # noqa: E402
+from megatron_vlm.pool import synthetic_pdfs as S  # noqa: E402
+from megatron_vlm.pool.records import read_manifest  # noqa: E402
+from megatron_vlm.synthesis.synthesize import SynthesisConfig, Synthesizer, TokenCounter, sidecar  # noqa: E402
+from megatron_vlm.synthesis.teachers import (  # noqa: E402
     OpenAIConfig,
     OpenAITeacher,
     TeacherFatalError,
@@ -359,7 +359,7 @@ def test_api_key_never_logged_or_written(server, pool, tmp_path, caplog, capsys)
 def test_prompt_and_reply_parsing():
     import random
 
-    from megatron_vlm.datagen.prompts import (
+    from megatron_vlm.synthesis.prompts import (
         TASK_PROMPTS,
         ReplyFormatError,
         build_messages,

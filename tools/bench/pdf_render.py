@@ -24,14 +24,14 @@ import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-from megatron_vlm.datagen import pdf as pdfmod  # noqa: E402
-from megatron_vlm.datagen.layout import label_document  # noqa: E402
-from megatron_vlm.datagen.sections import document_sections  # noqa: E402
-from megatron_vlm.datagen.storage import atomic_write_bytes  # noqa: E402
+from megatron_vlm.pool import pdf as pdfmod  # noqa: E402
+from megatron_vlm.pool.layout import label_document  # noqa: E402
+from megatron_vlm.pool.sections import document_sections  # noqa: E402
+from megatron_vlm.common.storage import atomic_write_bytes  # noqa: E402
 
 
 def generated_pdfs(folder: str) -> list[str]:
-    from megatron_vlm.datagen.synthetic_pdfs import ReportSpec, SectionSpec, write_report_pdf
+    from megatron_vlm.pool.synthetic_pdfs import ReportSpec, SectionSpec, write_report_pdf
 
     sections = [SectionSpec("Introduction", 3, bullets=True), SectionSpec("Methods", 5, ("Data", "Setup")),
                 SectionSpec("Results", 6, table=True, figure=True), SectionSpec("Discussion", 5)]

@@ -61,12 +61,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import Sample
-from megatron_vlm.datagen.ocr_tasks import OCR_PROMPT_VERSION, ocr_full, ocr_needle
-from megatron_vlm.datagen.prompts import ANSWER_FORMATS, EVIDENCE_SOURCES, PROMPT_VERSION, VQA_TASKS
-from megatron_vlm.datagen.records import DocRecord, load_blocks, read_manifest
-from megatron_vlm.datagen.sections import FRONT_MATTER, Section, Segment, sample_segment
-from megatron_vlm.datagen.storage import JsonlAppender, atomic_write_json, read_jsonl
-from megatron_vlm.datagen.teachers import (
+from megatron_vlm.synthesis.ocr_tasks import OCR_PROMPT_VERSION, ocr_full, ocr_needle
+from megatron_vlm.synthesis.prompts import ANSWER_FORMATS, EVIDENCE_SOURCES, PROMPT_VERSION, VQA_TASKS
+from megatron_vlm.pool.records import DocRecord, load_blocks, read_manifest
+from megatron_vlm.pool.sections import FRONT_MATTER, Section, Segment, sample_segment
+from megatron_vlm.common.storage import JsonlAppender, atomic_write_json, read_jsonl
+from megatron_vlm.synthesis.teachers import (
     QAPair,
     Teacher,
     TeacherFatalError,

@@ -37,7 +37,7 @@ import numpy as np
 
 from megatron_vlm.cli import step as cli_step
 from megatron_vlm.data.samples import TASKS, Sample, SampleError
-from megatron_vlm.datagen.storage import atomic_write_bytes, atomic_write_json
+from megatron_vlm.common.storage import atomic_write_bytes, atomic_write_json
 
 PREFIXES = {"": 1, "K": 2**10, "M": 2**20, "B": 2**30, "T": 2**40}
 DEFAULT_TASK_MIX = {"extract-single": 0.4, "extract-multi": 0.4, "reasoning": 0.2}

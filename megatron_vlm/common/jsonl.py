@@ -6,7 +6,7 @@ import json
 from typing import Any, Iterator, Union
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, str, Union[Any, json.JSONDecodeError]]]:
+def iter_jsonl_lines(path: str) -> Iterator[tuple[int, str, Union[Any, json.JSONDecodeError]]]:
     """(line number, "path:line", parsed value or its JSONDecodeError) for each non-empty line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_vlm.datagen.records import DocRecord
+from megatron_vlm.pool.records import DocRecord
 
 OCR_PROMPT_VERSION = "mvlm-ocr-prompt/v1"
 KEEP_LABELS = ("title", "section", "paragraph", "list", "table", "caption")

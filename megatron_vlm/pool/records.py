@@ -23,8 +23,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
-from megatron_vlm.datagen.sections import Section
-from megatron_vlm.datagen.storage import iter_jsonl, read_json_gz
+from megatron_vlm.pool.sections import Section
+from megatron_vlm.common.storage import iter_jsonl, read_json_gz
 
 SCHEMA = "megatron-vlm/doc-pool/v1"
 

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
-from megatron_vlm.datagen.layout import Block
-from megatron_vlm.datagen.pdf import TocEntry
+from megatron_vlm.pool.layout import Block
+from megatron_vlm.pool.pdf import TocEntry
 
 FRONT_MATTER = "(front matter)"
 MAX_SECTIONS = 2_000

@@ -7,7 +7,7 @@ fixtures for token counts, and the broken kinds the pool must reject (encrypted,
 not-a-PDF, zero pages). Output is byte-for-byte reproducible (fixed metadata, no new file ID), so
 hashes are stable across runs and machines (except the encrypted file: AES salts are random).
 
-    python -m megatron_vlm.datagen.synthetic_pdfs OUT_DIR   # the sample set, for demos
+    python -m megatron_vlm.pool.synthetic_pdfs OUT_DIR   # the sample set, for demos
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from megatron_vlm.datagen.pdf import import_pymupdf
+from megatron_vlm.pool.pdf import import_pymupdf
 
 LETTER = (612.0, 792.0)
 A4 = (595.0, 842.0)
@@ -456,7 +456,7 @@ def write_corpus(folder: str, count: int, seed: int = 0) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m megatron_vlm.datagen.synthetic_pdfs",
+    parser = argparse.ArgumentParser(prog="python -m megatron_vlm.pool.synthetic_pdfs",
                                      description="Write the generated sample PDFs (good and deliberately broken).")
     parser.add_argument("out_dir")
     parser.add_argument("--corpus", type=int, default=0, metavar="N",

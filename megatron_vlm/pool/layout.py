@@ -11,7 +11,7 @@ own structure, which is exact where it exists and cheap everywhere:
   and repeat (page numbers masked) on many pages;
 - PyMuPDF's ruled-table detector: blocks inside a table become one table block with its cells.
 
-Everything here is pure Python over the dataclasses of :mod:`megatron_vlm.datagen.pdf`, so it is
+Everything here is pure Python over the dataclasses of :mod:`megatron_vlm.pool.pdf`, so it is
 fast (linear in blocks) and testable without PDFs.
 """
 
@@ -23,7 +23,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from megatron_vlm.datagen.pdf import PageContent, TextBlock, TocEntry
+from megatron_vlm.pool.pdf import PageContent, TextBlock, TocEntry
 
 LABELS = ("title", "section", "paragraph", "list", "table", "caption", "header", "footer", "figure")
 

@@ -36,13 +36,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from megatron_vlm.data.image_processing import image_token_count, smart_resize
-from megatron_vlm.datagen import pdf as pdfmod
-from megatron_vlm.datagen.inputs import select_shard, sha256_file
-from megatron_vlm.datagen.language import detect_language, sample_text
-from megatron_vlm.datagen.layout import Block, label_document
-from megatron_vlm.datagen.near_dup import NearDuplicateFinder, text_minhash
-from megatron_vlm.datagen.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
-from megatron_vlm.datagen.records import (
+from megatron_vlm.pool import pdf as pdfmod
+from megatron_vlm.common.inputs import select_shard, sha256_file
+from megatron_vlm.pool.language import detect_language, sample_text
+from megatron_vlm.pool.layout import Block, label_document
+from megatron_vlm.pool.near_dup import NearDuplicateFinder, text_minhash
+from megatron_vlm.pool.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
+from megatron_vlm.pool.records import (
     RETRYABLE,
     SCHEMA,
     DocRecord,
@@ -52,8 +52,8 @@ from megatron_vlm.datagen.records import (
     doc_id_for,
     image_relpath,
 )
-from megatron_vlm.datagen.sections import check_outline, document_sections, join_lines
-from megatron_vlm.datagen.storage import (
+from megatron_vlm.pool.sections import check_outline, document_sections, join_lines
+from megatron_vlm.common.storage import (
     JsonlAppender,
     atomic_write_bytes,
     atomic_write_json,
@@ -62,7 +62,7 @@ from megatron_vlm.datagen.storage import (
     read_jsonl,
 )
 from megatron_vlm.cli import step as cli_step
-from megatron_vlm.datagen.workers import Outcome, run_tasks
+from megatron_vlm.common.workers import Outcome, run_tasks
 
 MAX_WARNINGS = 50
 # MuPDF messages that mean a page's content is missing, not merely odd

@@ -1,6 +1,6 @@
 """One writer per output: an exclusive, non-blocking lock held for the whole run.
 
-    from megatron_vlm.locks import output_lock
+    from megatron_vlm.common.locks import output_lock
 
     with output_lock(lock_path_for(args.output), args.output):
         ...  # the run

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
-from megatron_vlm.datagen.prompts import (
+from megatron_vlm.synthesis.prompts import (
     PROMPT_VERSION,
     ReplyFormatError,
     build_messages,
@@ -41,9 +41,9 @@ from megatron_vlm.datagen.prompts import (
     parse_reply,
     reask_message,
 )
-from megatron_vlm.datagen.records import DocRecord
-from megatron_vlm.datagen.storage import atomic_write_json
-from megatron_vlm.datagen.inputs import sha256_file
+from megatron_vlm.pool.records import DocRecord
+from megatron_vlm.common.storage import atomic_write_json
+from megatron_vlm.common.inputs import sha256_file
 
 log = logging.getLogger(__name__)
 

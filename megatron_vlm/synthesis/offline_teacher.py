@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Optional, Sequence
 
-from megatron_vlm.datagen.records import DocRecord, load_blocks
-from megatron_vlm.datagen.sections import join_lines
-from megatron_vlm.datagen.teachers import QAPair, TeacherRequest, TeacherResult, Usage
+from megatron_vlm.pool.records import DocRecord, load_blocks
+from megatron_vlm.pool.sections import join_lines
+from megatron_vlm.synthesis.teachers import QAPair, TeacherRequest, TeacherResult, Usage
 
 OFFLINE_MODEL = "offline-facts/v1"
 PHRASE_WORDS = 5
