@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlong", choices=OVERLONG_POLICIES, default="drop",
                    help="samples longer than --max-seq-len: drop them, or keep their first tokens")
     p.add_argument("--verify-images", action="store_true", help="fully decode every image (slow)")
+    p.add_argument("--image-root", action="append", default=[], metavar="FOLDER",
+                   help="a folder that images of samples without an image_root may come from (repeatable); "
+                        "besides it only the input file's own folder is allowed")
     p.add_argument("--force", action="store_true", help=cli.FORCE_HELP)
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=cli.default_workers(), help=cli.WORKERS_HELP)
@@ -137,7 +140,7 @@ def _main(args: argparse.Namespace) -> int:
                               max_seq_len=args.max_seq_len, overlong=args.overlong, workers=args.workers,
                               chunk_size=args.chunk_size, verify_images=args.verify_images,
                               sample_timeout=args.sample_timeout, keep_parts=args.keep_parts,
-                              progress=not args.no_progress, force=args.force)
+                              progress=not args.no_progress, force=args.force, image_roots=args.image_root)
     try:
         config.validate()
         if args.merge_only:

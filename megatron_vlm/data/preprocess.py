@@ -28,7 +28,7 @@ from typing import Any, Optional
 from megatron_vlm.data.indexed import (IndexedWriter, SampleRecord, is_complete, merge_prefixes, read_meta,
                                        remove_prefix, summarize_report)
 from megatron_vlm.cli import step as cli_step
-from megatron_vlm.data.samples import Sample, SampleError
+from megatron_vlm.data.samples import Sample, SampleError, inside_root
 from megatron_vlm.data.tokenization import SampleTokenizer, TokenizationError, sample_image_sizes, truncate
 from megatron_vlm.common.storage import atomic_write_json
 from megatron_vlm.common.inputs import sha256_file
@@ -50,6 +50,9 @@ class PreprocessConfig:
     keep_parts: bool = False
     progress: bool = True
     force: bool = False  # discard outputs (and parts) written with other settings instead of refusing
+    # Folders that images of samples WITHOUT an image_root may come from, besides the input file's own
+    # folder (against which their relative paths resolve). A sample with an image_root is confined to it.
+    image_roots: list[str] = field(default_factory=list)
 
     def validate(self) -> "PreprocessConfig":
         if self.overlong not in OVERLONG_POLICIES:
@@ -59,6 +62,9 @@ class PreprocessConfig:
         missing = [p for p in self.inputs if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"input file(s) not found: {missing}")
+        absent = [p for p in self.image_roots if not os.path.isdir(p)]
+        if absent:
+            raise FileNotFoundError(f"--image-root folder(s) not found: {absent}")
         return self
 
 
@@ -112,6 +118,7 @@ def run_fingerprint(config: PreprocessConfig, tokenizer: SampleTokenizer) -> dic
         "chat_template_source": tokenizer.template_source,
         "max_seq_len": config.max_seq_len, "overlong": config.overlong, "chunk_size": config.chunk_size,
         "verify_images": config.verify_images,
+        "image_roots": sorted(os.path.realpath(r) for r in config.image_roots),
     }
 
 
@@ -130,14 +137,37 @@ def _dropped(line: int, reason: str, detail: str, sample_id: Optional[str] = Non
     return {"status": "dropped", "line": line, "reason": reason, "detail": detail, "id": sample_id}
 
 
-def process_record(raw: bytes, where: str, line: int, tokenizer: SampleTokenizer, settings: dict) -> dict:
-    """One input line -> a result dict (``status`` ok or dropped). Never raises for bad input."""
+def confine_rootless_images(sample: Sample, where: str, source: Optional[str], roots: list[str]) -> Sample:
+    """A sample without an ``image_root`` reads its images from the input file's folder (relative paths
+    resolve there) or a declared ``--image-root``; any other path is refused before it is opened, so a
+    mixture line cannot make preprocessing read and store an arbitrary file."""
+    if sample.image_root or not sample.images:
+        return sample
+    base = os.path.dirname(os.path.abspath(source)) if source else os.getcwd()
+    allowed = [base] + list(roots)
+    resolved = []
+    for path in sample.images:
+        full = path if os.path.isabs(path) else os.path.join(base, path)
+        if not any(inside_root(root, full) for root in allowed):
+            raise SampleError(f"{where}: image {path!r:.200} lies outside the input's folder {base} and every "
+                              "--image-root (after resolving '..' and links); not read. Give the sample an "
+                              "image_root or pass --image-root FOLDER", "image_outside_root")
+        resolved.append(full)
+    sample.images = resolved
+    return sample
+
+
+def process_record(raw: bytes, where: str, line: int, tokenizer: SampleTokenizer, settings: dict,
+                   source: Optional[str] = None) -> dict:
+    """One input line -> a result dict (``status`` ok or dropped). Never raises for bad input.
+    ``source`` is the input file (rootless samples' images are confined to its folder)."""
     try:
         record = json.loads(raw)
     except ValueError as err:
         return _dropped(line, "bad_json", f"{where}: not valid JSON ({err})")
     try:
-        sample = Sample.from_dict(record, where)
+        sample = confine_rootless_images(Sample.from_dict(record, where), where, source,
+                                         settings.get("image_roots", []))
     except SampleError as err:
         sample_id = record.get("id") if isinstance(record, dict) else None
         return _dropped(line, err.reason, str(err), sample_id if isinstance(sample_id, str) else None)
@@ -190,7 +220,7 @@ def _process_line(payload: tuple[int, int, int]) -> dict:
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.readline()
-    return process_record(raw, f"{path}:{line}", line, _WORKER["tokenizer"], _WORKER["settings"])
+    return process_record(raw, f"{path}:{line}", line, _WORKER["tokenizer"], _WORKER["settings"], source=path)
 
 
 # ---------------------------------------------------------------------------- main side
@@ -269,7 +299,7 @@ def run_shard(config: PreprocessConfig, shard: int = 0, num_shards: int = 1,
               if not is_complete(part_prefix(config.output_prefix, c))]
     todo = [(c, i) for c in chunks for i in range(c * config.chunk_size, min((c + 1) * config.chunk_size, len(lines)))]
     settings = {"max_seq_len": config.max_seq_len, "overlong": config.overlong,
-                "verify_images": config.verify_images}
+                "verify_images": config.verify_images, "image_roots": list(config.image_roots)}
     log(f"shard {shard}/{num_shards}: {len(lines)} lines in {num_chunks} chunks; {len(chunks)} chunks "
         f"({len(todo)} lines) to do")
     progress = _progress(len(todo), config.progress)

@@ -53,7 +53,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _inside(root: str, path: str) -> bool:
+def inside_root(root: str, path: str) -> bool:
     real_root = os.path.realpath(root)
     real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
     return real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
@@ -137,7 +137,7 @@ class Sample:
                               f"{type(bad).__name__} {bad!r:.40}")
         if image_root:
             for path in images:
-                if not _inside(image_root, path):
+                if not inside_root(image_root, path):
                     raise SampleError(f"{where}: image {path!r:.200} lies outside its image_root {image_root} "
                                       "(after resolving '..' and links); not read", "image_outside_root")
         sample = cls(id=record["id"], task=record["task"], images=images, messages=messages,

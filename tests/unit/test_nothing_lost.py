@@ -244,6 +244,37 @@ def test_preprocess_drops_images_outside_the_root_with_line_and_reason(tmp_path,
     assert {d["source"]: d["reason"] for d in dropped} == {f"{path}:{n}": "image_outside_root" for n in bad.values()}
 
 
+def test_preprocess_confines_samples_without_image_root(tmp_path, small_tok_dir):
+    """A sample that names no image_root reads images only from its input file's folder (relative paths
+    resolve there, not against the working directory) or a declared --image-root."""
+    from megatron_vlm.data.preprocess import PreprocessConfig, preprocess
+
+    data = tmp_path / "data"
+    records = [dict(r) for r in make_documents(str(data), 3, [1])]
+    for r in records:
+        r.pop("image_root")
+    elsewhere = make_image(str(tmp_path / "other" / "p.png"), seed=3)
+    secret = make_image(str(tmp_path / "secret.png"), seed=5)
+    lines = records + [dict(records[0], id="declared", images=[elsewhere]),
+                       dict(records[0], id="absolute", images=[secret]),
+                       dict(records[0], id="dotdot", images=["../secret.png"])]
+    path = write_jsonl(str(data / "in.jsonl"), lines)
+
+    def run(prefix, roots):
+        config = PreprocessConfig(inputs=[path], output_prefix=str(tmp_path / prefix), tokenizer_dir=small_tok_dir,
+                                  max_seq_len=4096, workers=0, progress=False, image_roots=roots)
+        meta = preprocess(config, log=lambda *a: None)["merged"]
+        with open(str(tmp_path / prefix) + ".report.json") as f:
+            return meta, {d["source"]: d["reason"] for d in json.load(f)["dropped"]}
+
+    meta, dropped = run("a", [])
+    assert meta["num_samples"] == 3
+    assert dropped == {f"{path}:{n}": "image_outside_root" for n in (4, 5, 6)}
+    meta, dropped = run("b", [str(tmp_path / "other")])
+    assert meta["num_samples"] == 4
+    assert dropped == {f"{path}:{n}": "image_outside_root" for n in (5, 6)}
+
+
 def test_mixing_drops_images_outside_the_root_with_line_and_reason(tmp_path, small_tok_dir):
     from megatron_vlm.data.tokenization import SampleTokenizer
     from megatron_vlm.mixing.mixer import InputSpec, MixConfig, mix
