@@ -7,8 +7,9 @@ Sources (``--data SPEC``; ``KIND:PATH[,key=value...]``):
   ``answer_format``, ``doc_name``, ``page_list`` (image paths under ``IMAGE_DIR``, the document
   is the parent folder), ``ans_page_list``). Each file is one dataset at one length; lengths
   without a file are built from the longest instance below them (or trimmed from the document).
-  ``evidence_offset=auto|0|1``: added to ``ans_page_list`` to get the page numbers in the image
-  names (auto picks, per dataset, the offset under which more evidence pages exist).
+  ``evidence_offset=official|auto|0|1``: added to ``ans_page_list`` (0-based) to get the page
+  numbers in the image names. ``official`` (the default) is MMLongBench's own statement per dataset
+  (:data:`OFFICIAL_EVIDENCE_OFFSET`); ``auto`` picks the offset under which more evidence pages exist.
   Records are chosen as MMLongBench's loader chooses them (``DataConfig.max_test_samples``,
   ``--max-test-samples``, default 100): in each (dataset, length) file separately, a seeded
   permutation of the file's records and its first N (:func:`official_selection`). An example is
@@ -48,7 +49,7 @@ from megatron_vlm.eval.scoring import normalize_format
 class DocPage:
     """One page image of a document; ``tokens`` are its ``<|image_pad|>`` tokens."""
 
-    page: int  # 1-based page number in its document
+    page: int  # page number in its document: 1-based; MMLongBench files: the number in the image name
     image: str  # absolute path
     tokens: int
 
@@ -385,6 +386,18 @@ _PAGE_IN_NAME = (re.compile(r"page[_-]?(\d+)$", re.IGNORECASE), re.compile(r"-(\
 MMLB_FIELDS = ("question", "answer", "answer_format", "page_list")
 MMLB_MAX_TEST_SAMPLES = 100  # MMLongBench configs/docqa_all.yaml: max_test_samples
 MMLB_SEED = 42  # MMLongBench arguments.py: --seed default
+# What to add to ``ans_page_list`` (0-based page indices of the original document) to get the page
+# number in the published image names, per dataset (matched by key in the file name). Source:
+# EdinburghNLP/MMLongBench README.md, "DocVQA page indices": SlideVQA keeps the original image names,
+# numbered from 1 ("use ans_page_idx + 1", e.g. slideVQA_0 in slidevqa_K8.jsonl: [3] ->
+# "...-4-1024.jpg"); MMLongBench-Doc and LongDocURL pages were extracted with names numbered from 0
+# ("use ans_page_idx directly", e.g. longdocurl_1: 5 -> "4190345_page5.jpg").
+OFFICIAL_EVIDENCE_OFFSET = (("slidevqa", 1), ("longdocurl", 0), ("mmlongdoc", 0))
+
+
+def official_evidence_offset(dataset: str) -> Optional[int]:
+    """MMLongBench's stated ``ans_page_list`` -> image-name offset for ``dataset`` (None: not one of its three)."""
+    return next((offset for key, offset in OFFICIAL_EVIDENCE_OFFSET if key in dataset.lower()), None)
 
 
 def official_selection(count: int, max_test_samples: Optional[int], seed: int = MMLB_SEED) -> list[int]:
@@ -463,15 +476,25 @@ def read_mmlongbench(spec: DataSpec, cfg: DataConfig) -> list[EvalSet]:
                         "(the mmlb_image folder that page_list paths are relative to)")
     if not os.path.isdir(image_root):
         raise DataError(f"image folder {image_root} does not exist")
-    offset_opt = spec.options.get("evidence_offset", "auto")
-    if offset_opt not in ("auto", "0", "1"):
-        raise DataError(f"evidence_offset must be auto, 0 or 1, not {offset_opt!r}")
+    offset_opt = spec.options.get("evidence_offset", "official")
+    if offset_opt not in ("official", "auto", "0", "1"):
+        raise DataError(f"evidence_offset must be official, auto, 0 or 1, not {offset_opt!r}")
     sets = []
     grouped = _mmlb_files(spec.path)
     for name, by_length in sorted(grouped.items()):
+        dataset_offset = offset_opt
+        if offset_opt == "official":
+            official = official_evidence_offset(name)
+            if official is None:
+                raise DataError(f"--data mmlb:{spec.path}: {name} is not one of MMLongBench's document-QA "
+                                "datasets (longdocurl, mmlongdoc, slidevqa), whose evidence page offsets are "
+                                "known; say how its ans_page_list maps to the image names with "
+                                "evidence_offset=0 (names numbered like ans_page_list), 1 (names from 1) or auto")
+            dataset_offset = str(official)
         if spec.options.get("name"):
             name = spec.options["name"] if len(grouped) == 1 else f"{spec.options['name']}-{name}"
-        sets.append(_read_mmlb_dataset(name, by_length, image_root, offset_opt, cfg))
+        sets.append(_read_mmlb_dataset(name, by_length, image_root, dataset_offset, cfg))
+        sets[-1].info["evidence_offset_source"] = offset_opt
     return sets
 
 
@@ -538,6 +561,10 @@ def _read_mmlb_dataset(name: str, by_length: dict[int, str], image_root: str, of
             offsets[off] += sum(1 for p in rec.get("ans_page_list") or [] if isinstance(p, int) and p + off in numbers)
     offset = int(offset_opt) if offset_opt != "auto" else (1 if offsets[1] > offsets[0] else 0)
     out.info["evidence_offset"] = offset
+    out.info["evidence_pages_found"] = {str(k): v for k, v in offsets.items()}  # per offset: a check
+    if offsets[1 - offset] > offsets[offset]:
+        out.info["evidence_offset_warning"] = (f"offset {1 - offset} would find {offsets[1 - offset]} evidence "
+                                               f"page images, offset {offset} finds {offsets[offset]}")
     for key in order:
         rec = records[key]
         where = rec["_where"]
@@ -700,6 +727,7 @@ __all__ = [
     "EvalSet",
     "Needle",
     "load_data",
+    "official_evidence_offset",
     "page_number_from_path",
     "parse_data_spec",
     "pick_heldout_documents",

@@ -273,28 +273,27 @@ def test_mmlongbench_reader(tmp_path, counter):
     images = tmp_path / "mmlb_image"
     docs = {"reportA": 6, "reportB": 5, "slidesC": 4}
     for doc, pages in docs.items():
-        for p in range(1, pages + 1):  # names numbered from 1, ans_page_list from 0: page 0 exists only
-            # under offset 1, so auto detection must pick it
-            _image(str(images / "documentQA" / doc / f"{doc}_page{p}.png"), (280, 140 + 28 * p))
+        for p in range(pages):  # MMLongBench-Doc's names are numbered from 0, like ans_page_list
+            _image(str(images / "documentQA" / doc / f"{doc}_page{p}.png"), (280, 168 + 28 * p))
     def rel(doc, p):
         return f"documentQA/{doc}/{doc}_page{p}.png"
     data = tmp_path / "mmlb_data"
     data.mkdir()
     k8 = [{"id": "mmlongdoc_0", "doc_name": "reportA.pdf", "question": "Which year?", "answer": "2019",
-           "answer_format": "Int", "ans_page_list": [0, 5], "page_list": [rel("reportA", p) for p in range(1, 7)]},
+           "answer_format": "Int", "ans_page_list": [0, 5], "page_list": [rel("reportA", p) for p in range(6)]},
           {"id": "mmlongdoc_1", "doc_name": "reportB.pdf", "question": "Who?", "answer": "Not answerable",
-           "answer_format": "None", "ans_page_list": [], "page_list": [rel("reportB", p) for p in range(2, 5)]},
+           "answer_format": "None", "ans_page_list": [], "page_list": [rel("reportB", p) for p in range(1, 4)]},
           {"id": "mmlongdoc_2", "doc_name": "reportB.pdf", "question": "Missing image?", "answer": "x",
            "answer_format": "Str", "ans_page_list": [0], "page_list": [rel("reportB", 9)]},
           {"id": "mmlongdoc_3", "question": "no doc"}]
     (data / "mmlongdoc_K8.jsonl").write_text("\n".join(json.dumps(r) for r in k8) + "\n{oops\n")
-    k16 = [dict(k8[0], page_list=[rel("slidesC", p) for p in range(1, 5)] + k8[0]["page_list"])]
+    k16 = [dict(k8[0], page_list=[rel("slidesC", p) for p in range(4)] + k8[0]["page_list"])]
     (data / "mmlongdoc_K16.jsonl").write_text(json.dumps(k16[0]) + "\n")
     (s,) = load_data(f"mmlb:{data},images={images}", DataConfig())
-    assert s.name == "mmlongdoc" and s.info["evidence_offset"] == 1
+    assert s.name == "mmlongdoc" and s.info["evidence_offset"] == 0 and "evidence_offset_warning" not in s.info
     assert [e.id for e in s.examples] == ["mmlongdoc_0", "mmlongdoc_1"]
     first = s.examples[0]
-    assert first.evidence_pages == [1, 6] and first.answer_format == "Integer" and first.doc.doc_id == "reportA"
+    assert first.evidence_pages == [0, 5] and first.answer_format == "Integer" and first.doc.doc_id == "reportA"
     assert sorted(first.published) == [8192, 16384]
     assert [i.doc_id for i in first.published[16384]][:4] == ["slidesC"] * 4
     assert first.published[16384][0].tokens == image_token_count(140 + 28, 280)
@@ -303,7 +302,7 @@ def test_mmlongbench_reader(tmp_path, counter):
     assert any(d.where.endswith("mmlongdoc_K8.jsonl:5") for d in s.dropped)  # the broken JSON line
     assert {d.doc_id for d in s.negatives} == set(docs)
     at8 = instantiate(first, 8192, s.negatives, counter)
-    assert at8.method == "published" and [i.page for i in at8.items] == list(range(1, 7))
+    assert at8.method == "published" and [i.page for i in at8.items] == list(range(6))
     big = instantiate(first, 65536, s.negatives, counter)
     assert big.method == "published+extended" and {a["doc_id"] for a in big.added} == {"reportB"}
     assert page_number_from_path("x/slide-deck-3-1024.jpg") == 3 and page_number_from_path("d/p_page12.png") == 12
