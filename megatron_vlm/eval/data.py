@@ -23,6 +23,8 @@ Sources (``--data SPEC``; ``KIND:PATH[,key=value...]``):
 * ``niah:POOL[,kinds=text/image][,depths=0/0.25/0.5/0.75/1][,repeats=1]`` -- needle-in-a-haystack
   suite built from a pool: a fact sentence or a small picture with a number placed at a given
   depth among pool pages (datasets ``niah-text`` and ``niah-image``).
+* ``mmlb-niah:NIAH_DIR,images=IMAGE_DIR`` -- MMLongBench's standardised MM-NIAH files as published,
+  read, chosen, prompted and scored as the official run does (``eval/mmniah.py``).
 
 Every record that cannot be used is kept as a :class:`Dropped` with file, line and reason.
 """
@@ -118,6 +120,8 @@ class EvalExample:
 
     def evaluated_at(self, length: int) -> bool:
         """Whether the official per-file record choice keeps this example at ``length``."""
+        if self.task == "mmniah":  # MM-NIAH: only at the lengths of its files, nothing is built
+            return length in self.published
         if not self.selection or not self.selection["files"]:
             return True
         files = self.selection["files"]
@@ -155,6 +159,7 @@ class DataConfig:
     seed: int = 0
     max_test_samples: Optional[int] = 100  # MMLongBench records per (dataset, length) file (None: all)
     selection_seed: int = 42  # the official --seed default (MMLongBench arguments.py)
+    mmniah_max_test_samples: Optional[int] = 50  # MM-NIAH records per file (configs/mm_niah_*_all.yaml)
     work_dir: Optional[str] = None  # where generated needle images go
     exclude_hashes: frozenset = frozenset()  # SHA-256 of training documents: never evaluate on them
 
@@ -176,7 +181,7 @@ class DataSpec:
     options: dict[str, str]
 
 
-KINDS = ("mmlb", "samples", "niah")
+KINDS = ("mmlb", "samples", "niah", "mmlb-niah")
 
 
 def parse_data_spec(spec: str) -> DataSpec:
@@ -209,6 +214,9 @@ def load_data(spec_text: str, cfg: DataConfig) -> list[EvalSet]:
         sets = read_mmlongbench(spec, cfg)
     elif spec.kind == "samples":
         sets = [read_samples_set(spec, cfg)]
+    elif spec.kind == "mmlb-niah":
+        from megatron_vlm.eval.mmniah import read_mmniah
+        sets = read_mmniah(spec, cfg)
     else:
         sets = build_niah_sets(spec, cfg)
     for s in sets:
