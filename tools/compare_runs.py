@@ -3,11 +3,11 @@
 
   python tools/compare_runs.py --run NAME=EVAL_DIR [--run NAME=EVAL_DIR ...] --output DIR \\
       [--paper-table table1|table2|table3|table16|fig2|none] [--match NAME=ROW ...] [--title T] \\
-      [--lengths 64K,128K] [--report-model NAME=MODEL]
+      [--overall-lengths 64K,128K] [--report-model NAME=MODEL]
 
 EVAL_DIR is a tools/evaluate.py output folder (or its report.json). Writes DIR/comparison.md,
 DIR/comparison.csv and DIR/comparison.png. Rows are the runs in the order given; columns as the
-paper (MMLB-D, LD-URL, SLIDE, AVG. at each of --lengths, then AVG. over them), then any other
+paper (MMLB-D, LD-URL, SLIDE, AVG. at each of --overall-lengths, then AVG. over them), then any other
 lengths the reports have. With --paper-table, a run named after one of the table's rows (letters
 and digits compared, case ignored: ocr_full = OCR-full, ratio_8_2 = 8:2, short_20 = 20%,
 extract_single_long = extract-single long-biased, reasoning_rope8e6 = reasoning base 8e6,
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the paper's table whose published rows are shown next to matching runs (default: none)")
     p.add_argument("--match", action="append", default=[], metavar="NAME=ROW",
                    help="match run NAME to the paper row ROW (its label, e.g. OCR-full, 8:2, 20%%; none: no row)")
-    p.add_argument("--lengths", default=None, metavar="64K,128K",
-                   help="the lengths of the paper layout and of the overall AVG. (default: the paper table's, "
-                        "else 64K,128K)")
+    p.add_argument("--overall-lengths", default=None, metavar="64K,128K",
+                   help="lengths of the overall AVG., which also lead the table in the paper's layout (None: the "
+                        "paper table's, else 64K and 128K as the paper)")
     p.add_argument("--report-model", action="append", default=[], metavar="NAME=MODEL",
                    help="the model of run NAME's report when it holds several")
     p.add_argument("--title", default=None, help="title of the table and the figure")
@@ -64,9 +64,9 @@ def main(argv: Optional[list] = None) -> int:
             raise CompareError(f"--report-model names {', '.join(unknown)}, which no --run has")
         specs = [replace(s, model=models.get(s.name)) for s in specs]
         try:
-            lengths = parse_lengths(args.lengths) if args.lengths else None
+            lengths = parse_lengths(args.overall_lengths) if args.overall_lengths else None
         except ValueError as exc:
-            raise CompareError(f"--lengths: {exc}") from exc
+            raise CompareError(f"--overall-lengths: {exc}") from exc
         comparison = compare(specs, args.paper_table, parse_pairs(args.match, "--match"), lengths, args.title)
     except CompareError as exc:
         raise cli.UserError(str(exc)) from exc

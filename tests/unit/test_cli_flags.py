@@ -15,7 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = ["tools/build_doc_pool.py", "tools/synthesize_vqa.py", "tools/mix_data.py", "tools/preprocess_data.py",
-         "tools/evaluate.py", "tools/checkpoint/convert.py", "megatron_vlm/train.py"]
+         "tools/evaluate.py", "tools/compare_runs.py", "tools/checkpoint/convert.py", "megatron_vlm/train.py"]
 
 # dests whose option strings or defaults differ on purpose
 ALLOWED = {

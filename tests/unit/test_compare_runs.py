@@ -195,3 +195,23 @@ def test_published_numbers_consistent():
             assert overall == pytest.approx(row.overall, abs=0.01), (table.key, row.label)
     assert published_table("table4").row("MMProLong").overall == 57.70
     assert all(published_table(a) is TABLES[k] for a, k in TABLE_ALIASES.items()) and published_table("none") is None
+
+
+def test_other_datasets_and_lengths(runs, tmp_path):
+    """Our own datasets are shown but not in the AVG. when MMLongBench's are there, averaged when alone;
+    Table 5 moves the layout and the overall AVG. to 256K and 512K."""
+    write_report(_records("m", {("mmlongdoc", 64 * K): [1], ("longdocurl", 64 * K): [0], ("slidevqa", 64 * K): [1],
+                                ("heldout", 64 * K): [0]}), str(tmp_path / "mixed"), plot=False)
+    write_report(_records("m", {("heldout", 64 * K): [1, 0], ("niah-like", 64 * K): [1]}), str(tmp_path / "ours"),
+                 plot=False)
+    mixed = compare([RunSpec("m", str(tmp_path / "mixed"))])
+    assert mixed.datasets == ["mmlongdoc", "longdocurl", "slidevqa", "heldout"]
+    assert mixed.rows[0].values["64K AVG."] == pytest.approx(200 / 3) and mixed.rows[0].values["64K heldout"] == 0
+    assert "Not in the AVG.: heldout" in render_markdown(mixed)
+    ours = compare([RunSpec("m", str(tmp_path / "ours"))])
+    assert ours.avg_datasets == ["heldout", "niah-like"] and ours.rows[0].values["64K AVG."] == pytest.approx(75)
+    t5 = compare([RunSpec("mmprolong", str(runs / "ocr"))], "table5")
+    assert t5.lengths == [256 * K, 512 * K] and t5.extra_lengths == [32 * K, 64 * K, 128 * K]
+    assert t5.main_columns[:4] == ["256K MMLB-D", "256K LD-URL", "256K SLIDE", "256K AVG."]
+    assert t5.rows[0].values["AVG."] is None and t5.rows[1].values["AVG."] == 53.80
+    assert "has no 256K, 512K results" in t5.warnings[0]
