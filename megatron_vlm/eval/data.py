@@ -15,6 +15,9 @@ Sources (``--data SPEC``; ``KIND:PATH[,key=value...]``):
   permutation of the file's records and its first N (:func:`official_selection`). An example is
   evaluated at a length that has a file only if that file picked it; at a length without a file,
   only if the file it is built from (the longest below, else the shortest) picked it.
+* ``mmlb-doc:DIR[,documents=DIR][,cache=DIR][,name=mmlongdoc][,dpi=144]`` -- MMLongBench-Doc as
+  originally released (``samples.json`` + ``documents/*.pdf``), pages rendered once by the pool's
+  renderer into a cache; see :mod:`megatron_vlm.eval.mmlb_doc`.
 * ``samples:FILE.jsonl[,pool=POOL][,negatives=POOL][,name=NAME]`` -- our held-out sets in the
   shared Sample format (``data/samples.py``) with ``meta`` holding ``answer``, ``answer_format``,
   ``evidence_pages`` (1-based pages of ``meta.doc_id``). With ``pool=`` the whole gold document
@@ -161,6 +164,7 @@ class DataConfig:
     selection_seed: int = 42  # the official --seed default (MMLongBench arguments.py)
     mmniah_max_test_samples: Optional[int] = 50  # MM-NIAH records per file (configs/mm_niah_*_all.yaml)
     work_dir: Optional[str] = None  # where generated needle images go
+    cache_dir: Optional[str] = None  # where PDFs of an mmlb-doc release are rendered (next to the output)
     exclude_hashes: frozenset = frozenset()  # SHA-256 of training documents: never evaluate on them
 
 
@@ -181,7 +185,7 @@ class DataSpec:
     options: dict[str, str]
 
 
-KINDS = ("mmlb", "samples", "niah", "mmlb-niah")
+KINDS = ("mmlb", "samples", "niah", "mmlb-niah", "mmlb-doc")
 
 
 def parse_data_spec(spec: str) -> DataSpec:
@@ -214,6 +218,9 @@ def load_data(spec_text: str, cfg: DataConfig) -> list[EvalSet]:
         sets = read_mmlongbench(spec, cfg)
     elif spec.kind == "samples":
         sets = [read_samples_set(spec, cfg)]
+    elif spec.kind == "mmlb-doc":
+        from megatron_vlm.eval.mmlb_doc import read_mmlb_doc
+        sets = read_mmlb_doc(spec, cfg)
     elif spec.kind == "mmlb-niah":
         from megatron_vlm.eval.mmniah import read_mmniah
         sets = read_mmniah(spec, cfg)
