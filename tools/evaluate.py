@@ -9,7 +9,9 @@
   python tools/evaluate.py holdout --pool POOL --num-docs N --output eval_hashes.txt
 
 Data SPECs: ``mmlb:mmlb_data/documentQA,images=mmlb_image`` (MMLongBench as published),
-``samples:heldout.jsonl,pool=POOL`` (our held-out Samples), ``niah:POOL`` (needle suite).
+``samples:heldout.jsonl,pool=POOL`` (our held-out Samples), ``niah:POOL`` (needle suite),
+``mmlb-niah:mmlb_data/NIAH,images=mmlb_image`` (MMLongBench's standardised MM-NIAH, prompted from
+--mmlb-dir, scored by its rules, reported as the paper: Ret., Count, Reas., AVG.).
 Backends: ``openai:http://host:8000/v1`` (vLLM ...), ``hf:HF_DIR``, ``megatron:MODEL_DIR``.
 Give ``--model`` twice to compare a checkpoint with its base model at every length.
 
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 from megatron_vlm import cli  # noqa: E402
 
 SUBCOMMANDS = ("run", "score", "holdout")
+OFFICIAL = "official"  # --max-test-samples: each MMLongBench config's own value
 
 
 # ------------------------------------------------------------------------- arguments
@@ -62,14 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build contexts, generate, score, report (the default)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--data", action="append", required=True, metavar="SPEC",
-                     help="mmlb:DIR,images=DIR | samples:FILE[,pool=POOL][,negatives=POOL] | niah:POOL (repeatable)")
+                     help="mmlb:DIR,images=DIR | samples:FILE[,pool=POOL][,negatives=POOL] | niah:POOL | "
+                          "mmlb-niah:NIAH_DIR,images=DIR (repeatable)")
     run.add_argument("--lengths", default="8K,16K,32K,64K,128K", help="token budgets (binary K/M)")
     run.add_argument("--model", action="append", default=[], metavar="[NAME=]BACKEND:PATH_OR_URL",
                      help="openai:URL[,model=..][,images=data|path] | hf:DIR[,dtype=..] | megatron:DIR[,dtype=..]; "
                           "repeat to compare models (the first is the baseline)")
     run.add_argument("--limit", type=int, default=None, help="examples per dataset (the first N)")
-    run.add_argument("--max-test-samples", type=_max_test_samples, default=100, metavar="N|all",
-                     help="MMLongBench records per (dataset, length) file, chosen as the official loader does")
+    run.add_argument("--max-test-samples", type=_max_test_samples, default=OFFICIAL, metavar="N|all|official",
+                     help="MMLongBench records per (dataset, length) file, chosen as the official loader does; "
+                          "official: each benchmark's config (100 document QA, 50 MM-NIAH)")
     run.add_argument("--output", default="eval_results", help="output folder")
     run.add_argument("--seed", type=int, default=0, help="seed of the per-example negative choice")
     run.add_argument("--max-new-tokens", type=int, default=128, help="longest generated answer (tokens)")
@@ -171,6 +176,8 @@ def _dropped_counts(dropped) -> dict:
 def _max_test_samples(text: str):
     from megatron_vlm.eval.data import parse_max_test_samples
 
+    if str(text).strip().lower() == OFFICIAL:
+        return OFFICIAL
     try:
         return parse_max_test_samples(text)
     except ValueError as err:
@@ -186,29 +193,39 @@ def _make_scorer(args, cache_path: str, mmlb_datasets=()):
 
 # ------------------------------------------------------------------------- run
 def build_instances(args, out_dir: str):
-    """Every (dataset, length, example) context, written to instances/; returns (instances, dropped, sets)."""
+    """Every (dataset, length, example) context, written to instances/; returns (instances, dropped,
+    sets, the prompt config of the model under test)."""
     from tqdm import tqdm
 
     from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS
     from megatron_vlm.eval.backends import load_cached_tokenizer
     from megatron_vlm.eval.build import Instance, instantiate, parse_lengths
-    from megatron_vlm.eval.data import DataConfig, Dropped, load_data, pool_documents
+    from megatron_vlm.eval.data import MMLB_MAX_TEST_SAMPLES, DataConfig, Dropped, load_data, pool_documents
+    from megatron_vlm.eval.mmniah import MMNIAH_MAX_TEST_SAMPLES
     from megatron_vlm.eval.prompt import PromptConfig, TokenCounter
 
     lengths = parse_lengths(args.lengths)
     exclude = set()
     for pool in args.training_pool:
         exclude |= {d.sha256 for d in pool_documents(pool, DataConfig()).values() if d.sha256}
+    official = args.max_test_samples == OFFICIAL
     cfg = DataConfig(max_pixels=args.max_pixels or MAX_PIXELS, min_pixels=args.min_pixels or MIN_PIXELS,
-                     limit=args.limit, seed=args.seed, max_test_samples=args.max_test_samples,
-                     work_dir=os.path.join(out_dir, "niah_images"),
+                     limit=args.limit, seed=args.seed,
+                     max_test_samples=MMLB_MAX_TEST_SAMPLES if official else args.max_test_samples,
+                     mmniah_max_test_samples=MMNIAH_MAX_TEST_SAMPLES if official else args.max_test_samples,
+                     work_dir=os.path.join(out_dir, "niah_images"), cache_dir=os.path.join(out_dir, "page_cache"),
                      exclude_hashes=frozenset(exclude))
     sets = [s for spec in args.data for s in load_data(spec, cfg)]
     names = Counter(s.name for s in sets)
     if any(n > 1 for n in names.values()):
         raise SystemExit(f"error: two --data sources give the same dataset name(s) "
                          f"{sorted(k for k, n in names.items() if n > 1)}; rename one with ,name=...")
-    counter = TokenCounter(load_cached_tokenizer(args.tokenizer), PromptConfig())
+    mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
+    try:  # budgets count the tokens of the prompt each example is really sent with
+        prompt = _prompt_config(args, [e for s in sets for e in s.examples], mmlb_names)
+    except ValueError as err:
+        raise PromptSetupError(str(err)) from None
+    counter = TokenCounter(load_cached_tokenizer(args.tokenizer), prompt)
     instances: list[Instance] = []
     dropped: list[Dropped] = []
     used_docs: dict[str, str] = {}
@@ -240,7 +257,11 @@ def build_instances(args, out_dir: str):
         atomic_write_bytes(os.path.join(out_dir, "eval_hashes.txt"),
                            ("# SHA-256 of the pool documents this evaluation uses: exclude them from training\n"
                             + "".join(f"{h}  {d}\n" for d, h in sorted(used_docs.items()))).encode())
-    return instances, dropped, sets
+    return instances, dropped, sets, prompt
+
+
+class PromptSetupError(ValueError):
+    """The prompt of the model under test cannot be set up (no MMLongBench checkout, ...)."""
 
 
 def _prompt_config(args, instances, mmlb_names):
@@ -251,12 +272,23 @@ def _prompt_config(args, instances, mmlb_names):
     from megatron_vlm.eval.prompt import PromptConfig, uses_official_prompt
 
     cfg = PromptConfig(format=args.prompt_format, mmlb_datasets=tuple(mmlb_names))
-    if not any(uses_official_prompt(i, cfg) for i in instances):
+    docqa = any(uses_official_prompt(i, cfg) for i in instances)
+    mmniah = any(i.task == "mmniah" for i in instances)
+    if not docqa and not mmniah:
         return cfg
     checkout = args.mmlb_dir
     if checkout is None:
         kind, _, options = parse_judge_spec(args.judge)
         checkout = options.get("prompts") if kind == "mmlb" else None
+    if checkout is None and not docqa:
+        raise ValueError("MMLongBench's MM-NIAH is prompted as the official run does, with the templates of your "
+                         "MMLongBench checkout: give --mmlb-dir DIR (git clone "
+                         "https://github.com/EdinburghNLP/MMLongBench)")
+    if mmniah:
+        from megatron_vlm.eval.mmniah import load_official_niah_prompts
+        cfg.mmniah = load_official_niah_prompts(checkout)
+    if not docqa:
+        return cfg
     if checkout is None:
         raise ValueError("MMLongBench data is prompted as the official run does (--prompt-format "
                          f"{args.prompt_format}), whose template is read from your MMLongBench checkout: give "
@@ -282,6 +314,8 @@ def generate(args, spec, instances, out_dir: str, mmlb_names=(), prompt=None) ->
                 args.max_pixels, args.min_pixels]
     if prompt.format != "ours" and prompt.official is not None:  # the official prompt's texts change the answers
         settings.append(["mmlb-prompt", prompt.official.digest])
+    if prompt.mmniah is not None:
+        settings.append(["mmniah-prompt", prompt.mmniah.digest])
     settings = json.dumps(settings)
     fingerprints = {i.key: _fingerprint(i, settings) for i in instances}
     done = {}
@@ -334,7 +368,8 @@ def generate(args, spec, instances, out_dir: str, mmlb_names=(), prompt=None) ->
         failed = [i for i in todo if done[(i.key, fingerprints[i.key])].get("error")]
         if failed:
             from megatron_vlm.eval.judge import is_mmlb_dataset
-            excluded = sum(1 for i in failed if i.task == "docqa" and is_mmlb_dataset(i.dataset, mmlb_names))
+            excluded = sum(1 for i in failed if i.task == "mmniah" or
+                           (i.task == "docqa" and is_mmlb_dataset(i.dataset, mmlb_names)))
             how = [f"{excluded} of MMLongBench data excluded from its average as the official run does"] if excluded else []
             how += [f"{len(failed) - excluded} scored 0"] if len(failed) > excluded else []
             print(f"[{spec.name}] {len(failed)} generation(s) failed ({'; '.join(how)}; rerun to retry them)",
@@ -376,13 +411,20 @@ def run(args) -> int:
         raise SystemExit("error: two --model entries have the same name; name them: --model base=hf:DIR")
     parse_lengths(args.lengths)  # a bad --lengths fails before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    instances, dropped, sets = build_instances(args, out_dir)
+    try:
+        instances, dropped, sets, prompt = build_instances(args, out_dir)
+    except PromptSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     dropped_counts = _dropped_counts(dropped)
     atomic_write_json(os.path.join(out_dir, "dropped.json"),
                       {"counts": dropped_counts, "items": [d.to_dict() for d in dropped]})
     for s in sets:
         print(f"dataset {s.name}: {len(s.examples)} examples, {len(s.negatives)} negative documents, "
               f"{len(s.dropped)} records dropped", flush=True)
+        if s.info.get("evidence_offset_warning"):
+            print(f"warning: {s.name}: evidence_offset {s.info['evidence_offset']}: "
+                  f"{s.info['evidence_offset_warning']}", file=sys.stderr)
     if dropped:
         print(f"dropped: {len(dropped)} (example, length) pairs or records; reasons in "
               f"{os.path.join(out_dir, 'dropped.json')}", flush=True)
@@ -393,11 +435,6 @@ def run(args) -> int:
         print("error: no example could be instantiated at any length (see dropped.json)", file=sys.stderr)
         return 1
     mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
-    try:
-        prompt = _prompt_config(args, instances, mmlb_names)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"), mmlb_names)
     all_scored = []
     try:

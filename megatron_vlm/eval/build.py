@@ -118,6 +118,9 @@ def instantiate(example: EvalExample, length: int, negatives: Sequence[Document]
                 seed: int = 0, use_published: bool = True) -> Union[Instance, Dropped]:
     """The example's context at ``length`` tokens, or a Dropped saying why it cannot fit."""
     ex_seed = example_seed(seed, example.dataset, example.id, length)
+    if example.task == "mmniah":  # MMLongBench's MM-NIAH: the published context as it is
+        from megatron_vlm.eval.mmniah import instance_at
+        return instance_at(example, length, counter, ex_seed)
     rng = random.Random(ex_seed)
     gold_id = example.doc.doc_id if example.doc is not None else None
     fixed = counter.fixed(example.task, example.question, gold_id)

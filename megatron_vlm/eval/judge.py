@@ -412,7 +412,10 @@ def score_records(records: Iterable[dict], scorer, progress: bool = True, desc: 
     records = list(records)
 
     def one(record: dict) -> dict:
-        if hasattr(scorer, "score_record"):  # scorers that look at more than the answer (the dataset)
+        if record.get("task") == "mmniah":  # MMLongBench scores MM-NIAH by its rules, never a judge
+            from megatron_vlm.eval.mmniah_metrics import score_record
+            result = score_record(record)
+        elif hasattr(scorer, "score_record"):  # scorers that look at more than the answer (the dataset)
             result = scorer.score_record(record)
         else:
             result = scorer.score(str(record.get("question", "")), record.get("answer"), record.get("answer_format"),

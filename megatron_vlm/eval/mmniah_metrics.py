@@ -212,7 +212,8 @@ def length_average(row: dict) -> tuple[Optional[float], bool]:
 def paper_table(table: dict, lengths: Sequence[int], average_lengths: Sequence[int]) -> dict:
     """Table 17 / Figure 4 / Table 21 layout: per length, Ret., Count, Reas., AVG.; then the same
     four averaged over ``average_lengths`` (64K and 128K in the paper). Columns are flattened to
-    one header row ("64K Ret.", ..., "128K AVG.", "Ret.", "Count", "Reas.", "AVG.")."""
+    one header row ("64K Ret.", ..., "128K AVG.", "Ret.", "Count", "Reas.", "AVG."). ``incomplete``
+    names, per model, the cells averaged over less than they should be (a variant or length missing)."""
     from megatron_vlm.eval.build import format_length
 
     labels = [format_length(n) for n in lengths]
@@ -222,23 +223,27 @@ def paper_table(table: dict, lengths: Sequence[int], average_lengths: Sequence[i
     rows, incomplete = {}, {}
     for model, data in table.items():
         row: dict = {}
+        partial: set[str] = set()
         for lab in labels:
-            entry = data["lengths"].get(lab, {"datasets": {}})
-            families = family_scores(entry["datasets"])
+            cells = data["lengths"].get(lab, {"datasets": {}})["datasets"]
+            present = {family_variant(ds) for ds, c in cells.items() if c.get("score") is not None}
+            families = family_scores(cells)
             for f in FAMILIES:
                 row[f"{lab} {PAPER_FAMILY_NAMES[f]}"] = families[f]
-            avg, complete = length_average(entry["datasets"])
+                if families[f] is not None and any((f, v) not in present for v in VARIANTS):
+                    partial.add(f"{lab} {PAPER_FAMILY_NAMES[f]}")
+            avg, complete = length_average(cells)
             row[f"{lab} AVG."] = avg
             if avg is not None and not complete:
-                incomplete.setdefault(model, []).append(f"{lab} AVG.")
-        if over:
-            for name in names:
-                values = [row[f"{lab} {name}"] for lab in over]
-                row[name] = _mean([v for v in values if v is not None])
-                if row[name] is not None and (None in values or any(f"{lab} AVG." in incomplete.get(model, ())
-                                                                     for lab in over)):
-                    incomplete.setdefault(model, []).append(name)
+                partial.add(f"{lab} AVG.")
+        for name in names if over else ():
+            values = [row[f"{lab} {name}"] for lab in over]
+            row[name] = _mean([v for v in values if v is not None])
+            if row[name] is not None and (None in values or any(f"{lab} {name}" in partial for lab in over)):
+                partial.add(name)
         rows[model] = row
+        if partial:
+            incomplete[model] = [c for c in columns if c in partial]
     return {"table": "MM-NIAH (Table 17 / Figure 4)", "lengths": labels, "average_over": over,
             "datasets": [dataset_name(f, v) for f in FAMILIES for v in VARIANTS], "columns": columns,
             "rows": rows, "incomplete": incomplete}

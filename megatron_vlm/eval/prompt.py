@@ -51,6 +51,7 @@ class PromptConfig:
     format: str = "ours"
     official: Any = None  # mmlb_prompt.OfficialDocQAPrompt, read from the user's checkout
     mmlb_datasets: tuple = ()  # dataset names loaded from MMLongBench files (besides the official keys)
+    mmniah: Any = None  # mmniah.OfficialNIAHPrompts: MM-NIAH's only prompt, read from the user's checkout
 
 
 def uses_official_prompt(instance, cfg: PromptConfig) -> bool:
@@ -117,7 +118,10 @@ def chat_messages(items: Sequence[ContextItem], task: str, question: str, gold_d
 
 def instance_messages(instance, cfg: PromptConfig) -> list[dict[str, Any]]:
     """The chat of a ``build.Instance``: MMLongBench's own prompt where ``cfg`` asks for it, else
-    ``chat_messages``."""
+    ``chat_messages``; MMLongBench's MM-NIAH always gets its official prompt."""
+    if instance.task == "mmniah":
+        from megatron_vlm.eval.mmniah import niah_messages
+        return niah_messages(cfg.mmniah, instance)
     if uses_official_prompt(instance, cfg):
         from megatron_vlm.eval.mmlb_prompt import instance_official_messages
         return instance_official_messages(instance, cfg.official)

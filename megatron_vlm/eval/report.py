@@ -13,6 +13,12 @@ MMLB-D, LD-URL, SLIDE and AVG. at each length, then AVG. over the two lengths) a
 same at 256K and 512K), each only where one of its lengths was run. Columns are named as the
 paper's, flattened to one header row ("64K MMLB-D", ..., "128K AVG.", "AVG."); datasets other than
 MMLongBench's three keep their names and follow them.
+
+MMLongBench's MM-NIAH (task ``mmniah``) is its own suite, averaged as the paper does (Appendix
+B.4): a length's AVG is the macro average over the three families (retrieval, counting, reasoning),
+each the mean of its text and image variants; its paper table (Table 17 / Figure 4 layout,
+``mmniah_metrics.paper_table``) has Ret., Count, Reas., AVG. per length and over the overall
+lengths. As in the official run, failed generations are left out of the means.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Iterable, Optional, Sequence
 from megatron_vlm.common.storage import atomic_write_bytes, atomic_write_json
 from megatron_vlm.eval.build import format_length, parse_length
 
-SUITE_TITLES = {"docqa": "Long-document VQA (MMLongBench-style)", "niah": "Needle in a haystack"}
+SUITE_TITLES = {"docqa": "Long-document VQA (MMLongBench-style)", "niah": "Needle in a haystack",
+                "mmniah": "MM-NIAH (MMLongBench standardised)"}
 # the paper's column names of MMLongBench's document-QA datasets, in the paper's order
 PAPER_DATASET_NAMES = {"mmlongdoc": "MMLB-D", "longdocurl": "LD-URL", "slidevqa": "SLIDE"}
 # (table, its lengths): Table 4 reports 64K and 128K, Table 5 256K and 512K; AVG. is over those two
@@ -57,7 +64,7 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
     suites: dict[str, list[str]] = {}
     lengths = sorted({int(r["length"]) for r in records})
     for r in records:
-        suite = "niah" if r.get("task") == "niah" else "docqa"
+        suite = r.get("task") if r.get("task") in ("niah", "mmniah") else "docqa"
         suites.setdefault(suite, [])
         if r["dataset"] not in suites[suite]:
             suites[suite].append(r["dataset"])
@@ -77,7 +84,7 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                     rs = cells.get((model, ds, n), [])
                     if not rs:
                         continue
-                    exclude = suite == "docqa" and is_mmlb_dataset(ds, mmlb_datasets)
+                    exclude = suite == "mmniah" or (suite == "docqa" and is_mmlb_dataset(ds, mmlb_datasets))
                     kept = [r for r in rs if not (exclude and r.get("error"))]
                     mean = _mean([float(r["score"]) for r in kept])
                     row[ds] = {
@@ -97,15 +104,24 @@ def summarize(records: Iterable[dict], models: Optional[Sequence[str]] = None,
                     if depths:
                         row[ds]["by_depth"] = {f"{d:g}": 100 * _mean(v) for d, v in sorted(depths.items())}
                 avg = _mean([row[ds]["score"] for ds in datasets if row.get(ds, {}).get("score") is not None])
-                per_length[format_length(n)] = {"datasets": row, "AVG": avg,
-                                                "complete": all(row.get(ds, {}).get("score") is not None
-                                                                for ds in datasets)}
+                complete = all(row.get(ds, {}).get("score") is not None for ds in datasets)
+                if suite == "mmniah":  # the paper's: families (text and image averaged), then their mean
+                    from megatron_vlm.eval.mmniah_metrics import length_average
+                    avg, complete = length_average(row)
+                per_length[format_length(n)] = {"datasets": row, "AVG": avg, "complete": complete}
             overall = _mean([per_length[format_length(n)]["AVG"] for n in over
                              if per_length.get(format_length(n), {}).get("AVG") is not None])
             table[model] = {"lengths": per_length, "overall": overall}
         report["suites"][suite] = {"title": SUITE_TITLES[suite], "datasets": datasets, "models": table}
         if suite == "docqa":
             report["suites"][suite]["paper_tables"] = paper_tables(table, datasets, lengths)
+        if suite == "mmniah":
+            from megatron_vlm.eval.mmniah_metrics import paper_table
+            report["suites"][suite]["paper_tables"] = [paper_table(table, lengths, over)]
+            report["suites"][suite]["note"] = (
+                "AVG is the paper's (Appendix B.4): the mean of Ret., Count and Reas., each the mean of its text "
+                "and image variants; metrics are MMLongBench's (sub_em, soft_acc, mc_acc); failed generations "
+                "are left out, as the official run does.")
     if dropped:
         report["dropped"] = dropped
     return report
@@ -153,8 +169,9 @@ def paper_tables(table: dict, datasets: Sequence[str], lengths: Sequence[int]) -
 
 def render_paper_table(paper: dict) -> list[str]:
     """Markdown lines of one paper table (an incomplete AVG. is marked with *)."""
+    over = paper.get("average_over", paper["lengths"])
     lines = [f"### {paper['table']} layout ({', '.join(paper['lengths'])}; AVG. over "
-             f"{' and '.join(paper['lengths'])})", "", "| Model | " + " | ".join(paper["columns"]) + " |",
+             f"{' and '.join(over) or '–'})", "", "| Model | " + " | ".join(paper["columns"]) + " |",
              "|---" * (len(paper["columns"]) + 1) + "|"]
     for model, row in paper["rows"].items():
         marks = set(paper["incomplete"].get(model, ()))
@@ -185,6 +202,8 @@ def render_markdown(report: dict) -> str:
     for suite in report["suites"].values():
         models, datasets, base = suite["models"], suite["datasets"], report["baseline"]
         lines += [f"## {suite['title']}", ""]
+        if suite.get("note"):
+            lines += [suite["note"], ""]
         for paper in suite.get("paper_tables", ()):
             lines += render_paper_table(paper)
         lines += ["### Average by length", ""]
