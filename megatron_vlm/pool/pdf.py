@@ -476,6 +476,18 @@ def ruling_positions(page, cap: int) -> tuple[int, int, int]:
     return len(ys), len(xs), total
 
 
+def is_table_grid(rows: list[list[str]], bbox, page_width: float, page_height: float) -> bool:
+    """Whether the ruling-line finder's cells are a table: >= 2 rows with text in >= 2 cells each,
+    and not a frame around the page. A beamer block (a title bar over a body box) and a slide's
+    or page's border are ruled boxes too, but their text sits in one cell per row."""
+    area = max(0.0, bbox[2] - bbox[0]) * max(0.0, bbox[3] - bbox[1])
+    if page_width > 0 and page_height > 0 and area >= 0.85 * page_width * page_height:
+        return False
+    multi = sum(1 for row in rows if sum(1 for cell in row if len(cell.strip()) >= 1) >= 2)
+    single_letter_split = sum(1 for row in rows if len(row) >= 2 and len(row[0].strip()) == 1 and row[1][:1].islower())
+    return multi - single_letter_split >= 2
+
+
 def find_tables(page, limits: PdfLimits, num_chars: int) -> tuple[list[TableRegion], Optional[str]]:
     """Ruled tables on the page, or ([], why skipped). Never runs PyMuPDF's ONNX layout gate."""
     if num_chars > limits.table_max_chars:
@@ -483,8 +495,8 @@ def find_tables(page, limits: PdfLimits, num_chars: int) -> tuple[list[TableRegi
     rows, cols, total = ruling_positions(page, limits.table_max_paths)
     if total > limits.table_max_paths:
         return [], f"table detection skipped: over {limits.table_max_paths} vector paths"
-    if rows < 3 or cols < 3:
-        return [], None  # no ruled grid of >= 2 x 2 cells is possible
+    if rows < 3:
+        return [], None  # no ruled table of >= 2 rows is possible (tables ruled only across pass)
     regions = []
     try:
         with time_budget(limits.analysis_seconds):
@@ -492,8 +504,8 @@ def find_tables(page, limits: PdfLimits, num_chars: int) -> tuple[list[TableRegi
             for table in found.tables:
                 rows = [[_clean(cell or "") for cell in row] for row in table.extract()]
                 rows = [row for row in rows if any(row)]
-                if len(rows) >= 2 and max(len(r) for r in rows) >= 2:
-                    bbox = tuple(round(float(v), 2) for v in table.bbox)
+                bbox = tuple(round(float(v), 2) for v in table.bbox)
+                if is_table_grid(rows, bbox, page.rect.width, page.rect.height):
                     regions.append(TableRegion(bbox=bbox, rows=rows))
     except AnalysisTimeout as exc:
         return [], f"table detection stopped: {exc}"
@@ -603,6 +615,7 @@ __all__ = [
     "TextBlock",
     "TocEntry",
     "blocks_from_dict",
+    "is_table_grid",
     "ruling_positions",
     "encode_image",
     "find_tables",
