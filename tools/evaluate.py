@@ -193,7 +193,8 @@ def _make_scorer(args, cache_path: str, mmlb_datasets=()):
 
 # ------------------------------------------------------------------------- run
 def build_instances(args, out_dir: str):
-    """Every (dataset, length, example) context, written to instances/; returns (instances, dropped, sets)."""
+    """Every (dataset, length, example) context, written to instances/; returns (instances, dropped,
+    sets, the prompt config of the model under test)."""
     from tqdm import tqdm
 
     from megatron_vlm.data.image_processing import MAX_PIXELS, MIN_PIXELS
@@ -201,7 +202,7 @@ def build_instances(args, out_dir: str):
     from megatron_vlm.eval.build import Instance, instantiate, parse_lengths
     from megatron_vlm.eval.data import MMLB_MAX_TEST_SAMPLES, DataConfig, Dropped, load_data, pool_documents
     from megatron_vlm.eval.mmniah import MMNIAH_MAX_TEST_SAMPLES
-    from megatron_vlm.eval.prompt import PromptConfig, TokenCounter
+    from megatron_vlm.eval.prompt import TokenCounter
 
     lengths = parse_lengths(args.lengths)
     exclude = set()
@@ -212,14 +213,19 @@ def build_instances(args, out_dir: str):
                      limit=args.limit, seed=args.seed,
                      max_test_samples=MMLB_MAX_TEST_SAMPLES if official else args.max_test_samples,
                      mmniah_max_test_samples=MMNIAH_MAX_TEST_SAMPLES if official else args.max_test_samples,
-                     work_dir=os.path.join(out_dir, "niah_images"),
+                     work_dir=os.path.join(out_dir, "niah_images"), cache_dir=os.path.join(out_dir, "page_cache"),
                      exclude_hashes=frozenset(exclude))
     sets = [s for spec in args.data for s in load_data(spec, cfg)]
     names = Counter(s.name for s in sets)
     if any(n > 1 for n in names.values()):
         raise SystemExit(f"error: two --data sources give the same dataset name(s) "
                          f"{sorted(k for k, n in names.items() if n > 1)}; rename one with ,name=...")
-    counter = TokenCounter(load_cached_tokenizer(args.tokenizer), PromptConfig())
+    mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
+    try:  # budgets count the tokens of the prompt each example is really sent with
+        prompt = _prompt_config(args, [e for s in sets for e in s.examples], mmlb_names)
+    except ValueError as err:
+        raise PromptSetupError(str(err)) from None
+    counter = TokenCounter(load_cached_tokenizer(args.tokenizer), prompt)
     instances: list[Instance] = []
     dropped: list[Dropped] = []
     used_docs: dict[str, str] = {}
@@ -251,7 +257,11 @@ def build_instances(args, out_dir: str):
         atomic_write_bytes(os.path.join(out_dir, "eval_hashes.txt"),
                            ("# SHA-256 of the pool documents this evaluation uses: exclude them from training\n"
                             + "".join(f"{h}  {d}\n" for d, h in sorted(used_docs.items()))).encode())
-    return instances, dropped, sets
+    return instances, dropped, sets, prompt
+
+
+class PromptSetupError(ValueError):
+    """The prompt of the model under test cannot be set up (no MMLongBench checkout, ...)."""
 
 
 def _prompt_config(args, instances, mmlb_names):
@@ -401,13 +411,20 @@ def run(args) -> int:
         raise SystemExit("error: two --model entries have the same name; name them: --model base=hf:DIR")
     parse_lengths(args.lengths)  # a bad --lengths fails before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    instances, dropped, sets = build_instances(args, out_dir)
+    try:
+        instances, dropped, sets, prompt = build_instances(args, out_dir)
+    except PromptSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     dropped_counts = _dropped_counts(dropped)
     atomic_write_json(os.path.join(out_dir, "dropped.json"),
                       {"counts": dropped_counts, "items": [d.to_dict() for d in dropped]})
     for s in sets:
         print(f"dataset {s.name}: {len(s.examples)} examples, {len(s.negatives)} negative documents, "
               f"{len(s.dropped)} records dropped", flush=True)
+        if s.info.get("evidence_offset_warning"):
+            print(f"warning: {s.name}: evidence_offset {s.info['evidence_offset']}: "
+                  f"{s.info['evidence_offset_warning']}", file=sys.stderr)
     if dropped:
         print(f"dropped: {len(dropped)} (example, length) pairs or records; reasons in "
               f"{os.path.join(out_dir, 'dropped.json')}", flush=True)
@@ -418,11 +435,6 @@ def run(args) -> int:
         print("error: no example could be instantiated at any length (see dropped.json)", file=sys.stderr)
         return 1
     mmlb_names = [s.name for s in sets if s.info.get("kind") == "mmlb"]
-    try:
-        prompt = _prompt_config(args, instances, mmlb_names)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     scorer = _make_scorer(args, os.path.join(out_dir, "judge_cache.jsonl"), mmlb_names)
     all_scored = []
     try:

@@ -11,7 +11,8 @@
   budget, and the needle goes in at the page border nearest its depth (fraction of the tokens).
 
 Token count = sum over pages of (page tokens + 2 for vision start/end) + every text token of the
-prompt (template, instruction, labels, question, "Answer:"); see ``prompt.TokenCounter``.
+prompt the example is really sent with (template, instruction, labels, question, "Answer:"): ours
+(``prompt.TokenCounter``) or MMLongBench's own (``mmlb_prompt.OfficialTokenCounter``).
 Randomness comes from one seed per (run seed, dataset, example, length), so a rerun, or any
 subset of examples, gets the same contexts. Every instance records what was added or cut.
 """
@@ -123,6 +124,7 @@ def instantiate(example: EvalExample, length: int, negatives: Sequence[Document]
         return instance_at(example, length, counter, ex_seed)
     rng = random.Random(ex_seed)
     gold_id = example.doc.doc_id if example.doc is not None else None
+    counter = counter.for_example(example)  # the prompt this example is really sent with
     fixed = counter.fixed(example.task, example.question, gold_id)
     if example.task == "niah":
         return _instantiate_niah(example, length, negatives, counter, fixed, rng, ex_seed)

@@ -94,9 +94,12 @@ def page_fields(image_path: str) -> dict[str, str]:
             "page_id": image_path.split("page")[-1].split(".")[0]}
 
 
+PAGE_SEPARATOR = "\n\n"  # load_doc_qa: passage_text = "\n\n".join(page_prompt_list)
+
+
 def user_text(prompt: OfficialDocQAPrompt, images: Sequence[str], question: str, doc_name: str) -> str:
     """The user turn as one string with an ``<image>`` per page, in ``images`` order."""
-    context = "\n\n".join(prompt.item_template.format(**page_fields(p)) for p in images)
+    context = PAGE_SEPARATOR.join(prompt.item_template.format(**page_fields(p)) for p in images)
     full_question = prompt.question_prefix.format(doc_id=doc_name) + question
     return prompt.user_template.format(context=context, question=full_question)
 
@@ -127,11 +130,76 @@ def instance_official_messages(instance, prompt: Optional[OfficialDocQAPrompt]) 
     images = [i.image for i in instance.items if i.image]
     if any(i.kind != "page" for i in instance.items):
         raise ValueError(f"{instance.key}: the official document-QA prompt has only pages")
-    doc_name = instance.meta.get(prompt.doc_field)
+    return official_messages(prompt, images, instance.question, official_doc_name(instance, prompt))
+
+
+def official_doc_name(example_or_instance, prompt: OfficialDocQAPrompt) -> str:
+    """The name the question prefix shows: the record's ``doc_name`` (else the gold document's id)."""
+    doc_name = example_or_instance.meta.get(prompt.doc_field)
     if doc_name is None:
-        doc_name = instance.gold_doc_id or ""
-    return official_messages(prompt, images, instance.question, str(doc_name))
+        doc = getattr(example_or_instance, "doc", None)
+        doc_name = getattr(example_or_instance, "gold_doc_id", None) or (doc.doc_id if doc is not None else "")
+    return str(doc_name or "")
 
 
-__all__ = ["OfficialDocQAPrompt", "PROMPT_LOADER", "instance_official_messages", "load_official_docqa_prompt",
+class OfficialTokenCounter:
+    """Prompt length in tokens under MMLongBench's own prompt, for one example's question: the same
+    interface as ``prompt.TokenCounter`` (``fixed`` + additive per-page ``item`` costs), so length
+    budgets count the text the model is really sent.
+
+    Additivity: each page image renders as ``<|vision_start|><|image_pad|>..<|vision_end|>``
+    (special tokens), so the text between two images -- the separator and the next page's
+    ``item_template`` text ("\n\nDocument <id>: ") -- is tokenized on its own. A page costs
+    ``T(separator + its text) + image tokens + 2``; ``fixed`` is the rendered prompt with one probe
+    page minus that probe's cost. Exact when the separator and the first page's text split from
+    their neighbours in pre-tokenization (true of the official template and Qwen's tokenizer;
+    checked against full renderings in tests/unit/test_mmlb_prompt.py)."""
+
+    def __init__(self, base, doc_name: str):
+        self.base = base  # prompt.TokenCounter: tokenizer, config and its text-token cache
+        self.tokenizer = base.tokenizer
+        self.cfg = base.cfg
+        self.prompt: OfficialDocQAPrompt = base.cfg.official
+        self.doc_name = doc_name
+        self._docs = base.__dict__.setdefault("_official_docs", {})
+
+    def text(self, text: str) -> int:
+        return self.base.text(text)
+
+    def _page_text(self, image: str) -> int:
+        before, after = self.prompt.item_template.split(IMAGE_TOKEN)
+        fields = page_fields(image)
+        after = after.format(**fields)
+        return self.text(PAGE_SEPARATOR + before.format(**fields)) + (self.text(after) if after else 0)
+
+    def fixed(self, task: str, question: str, gold_doc_id: Optional[str]) -> int:
+        from megatron_vlm.eval.prompt import render_prompt
+
+        probe = f"/probe/{gold_doc_id or 'document'}/probe_page1.png"
+        rendered = render_prompt(self.tokenizer, official_messages(self.prompt, [probe], question, self.doc_name))
+        with_probe = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        return with_probe - 3 - self._page_text(probe)  # the probe's start, pad and end tokens and its text
+
+    def item(self, item) -> int:
+        if item.kind != "page" or not item.image:
+            raise ValueError("MMLongBench's document-QA prompt has only page images")
+        return self._page_text(item.image) + item.tokens + 2
+
+    def items(self, items) -> int:
+        return sum(self.item(i) for i in items)
+
+    def document(self, doc, role: str):
+        key = (doc.doc_id, len(doc.pages), role)
+        if key not in self._docs:
+            from megatron_vlm.eval.data import ContextItem
+
+            items = [ContextItem.from_page(doc.doc_id, p, role) for p in doc.pages]
+            self._docs[key] = (items, self.items(items))
+        return self._docs[key]
+
+    def for_example(self, example) -> "OfficialTokenCounter":
+        return self.base.for_example(example)
+
+
+__all__ = ["OfficialDocQAPrompt", "OfficialTokenCounter", "PAGE_SEPARATOR", "official_doc_name", "PROMPT_LOADER", "instance_official_messages", "load_official_docqa_prompt",
            "official_messages", "page_fields", "user_text"]

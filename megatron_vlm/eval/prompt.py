@@ -176,6 +176,17 @@ class TokenCounter:
         self._cache: dict[str, int] = {}
         self._docs: dict[tuple[str, int, str], tuple[list[ContextItem], int]] = {}
 
+    def for_example(self, example):
+        """The counter of the prompt ``example`` is really asked with: MMLongBench's own (an
+        ``mmlb_prompt.OfficialTokenCounter``) where ``cfg`` gives its data that prompt, else this one."""
+        if not uses_official_prompt(example, self.cfg):
+            return self
+        from megatron_vlm.eval.mmlb_prompt import OfficialTokenCounter, official_doc_name
+        if self.cfg.official is None:
+            raise ValueError(f"{example.dataset}: the official MMLongBench prompt needs your MMLongBench "
+                             "checkout (--mmlb-dir DIR) to count its tokens, or --prompt-format ours")
+        return OfficialTokenCounter(self, official_doc_name(example, self.cfg.official))
+
     def text(self, text: str) -> int:
         if text not in self._cache:
             self._cache[text] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -118,3 +118,67 @@ def test_cli_official_prompt_end_to_end(tmp_path, checkout):
     assert [p["type"] for p in parts] == ["text", "image_url", "text", "image_url", "text"]
     assert parts[0]["text"].endswith("Doc rep (p 1): ") and parts[2]["text"] == "\n\nDoc rep (p 2): "
     assert parts[4]["text"] == "\n\nQuestion: Regarding Doc rep.pdf: Which year?"
+
+
+# the official shape (user template with {context} and {question}, pages "Document {doc_id:.15}: <image>"
+# joined by blank lines, a question prefix, "Answer:") in our own words
+OFFICIAL_SHAPE = '''
+def load_doc_qa(args, path, max_test_samples=None):
+    user_template = "Look at the document pages, then answer in a few words or write 'Not answerable.'\\nAnswer: [answer]\\n\\n{context}\\n\\nQuestion: {question}"
+    item_template = "Document {doc_id:.15}: <image>"
+    system_template = "Answer:"
+    def update(sample):
+        doc_id = sample["doc_name"]
+        question = "Using Document {doc_id:.15}, answer this. ".format(doc_id=doc_id) + question
+        return {}
+'''
+
+
+@pytest.mark.parametrize("shape", ["official", "with-page-id"])
+def test_budgets_count_the_official_prompt(tmp_path, shape):
+    """Contexts built for MMLongBench data are counted in the tokens of the prompt really sent (the
+    official one), checked against a full tokenization of that rendered prompt; our own prompt's
+    count would be off."""
+    import random
+
+    from megatron_vlm.data.tokenizer import load_tokenizer
+    from megatron_vlm.eval.build import instantiate
+    from megatron_vlm.eval.data import DocPage, Document, EvalExample
+    from megatron_vlm.eval.prompt import TokenCounter, render_prompt
+
+    root = tmp_path / shape
+    root.mkdir()
+    (root / "data.py").write_text(OFFICIAL_SHAPE if shape == "official" else DATA)
+    official = load_official_docqa_prompt(str(root))
+    tokenizer = load_tokenizer()
+    cfg = PromptConfig(format="auto", official=official)
+    rng = random.Random(3)
+
+    def doc(name, pages):
+        return Document(name, [DocPage(p, f"/img/documentQA/{name}/{name}_page{p}.png", rng.randrange(40, 300))
+                               for p in range(pages)])
+
+    gold = doc("annual-report-2021-final", 30)
+    negatives = [doc(f"deck{i}-quarterly-results", rng.randrange(2, 12)) for i in range(12)]
+    example = EvalExample("mmlongdoc_7", "mmlongdoc", "How many offices opened in 2020?", "12", "Integer",
+                          doc=gold, evidence_pages=[4, 9], meta={"doc_name": "annual-report-2021-final.pdf"})
+
+    def sent(inst, prompt_cfg):
+        ids = tokenizer(render_prompt(tokenizer, instance_messages(inst, prompt_cfg)), add_special_tokens=False)["input_ids"]
+        images = [i for i in inst.items if i.image]
+        return len(ids) - len(images) + sum(i.tokens for i in images)
+
+    ours = TokenCounter(tokenizer, PromptConfig())
+    counter = TokenCounter(tokenizer, cfg)
+    methods = set()
+    for length in (600, 1500, 4000, 9000, 20000):
+        inst = instantiate(example, length, negatives, counter)
+        methods.add(inst.method)
+        assert inst.num_tokens == sent(inst, cfg) and inst.num_tokens <= length, (length, inst.method)
+        assert {4, 9} <= set(inst.kept_pages)
+        if length == 9000:  # counted with our prompt instead, the same context is off
+            assert ours.fixed("docqa", example.question, gold.doc_id) + ours.items(inst.items) != sent(inst, cfg)
+    assert methods == {"trimmed", "extended"}
+    # examples of other data keep our prompt's count
+    mine = EvalExample("q1", "heldout", "Which year?", "2019", "Integer", doc=gold, evidence_pages=[4])
+    assert counter.for_example(mine) is counter
