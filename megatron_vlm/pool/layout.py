@@ -17,14 +17,16 @@ fast (linear in blocks) and testable without PDFs.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 from megatron_vlm.pool.pdf import PageContent, TextBlock, TocEntry
 
+LAYOUT_METHODS = ("heuristic", "model")
 LABELS = ("title", "section", "paragraph", "list", "table", "caption", "header", "footer", "figure")
 
 
@@ -46,6 +48,7 @@ class LayoutConfig:
     margin_fraction: float = 0.12  # header/footer zone at the top and bottom of the page
     min_repeats: int = 3  # pages a header/footer text must repeat on (2 for documents <= 4 pages)
     repeat_fraction: float = 0.25  # ... or at least this share of the pages with text
+    running_place_fraction: float = 0.5  # top-margin text at one height on this share of pages: a running head
     heading_size_ratio: float = 1.15  # a heading is this much larger than the body ...
     bold_heading_max_chars: int = 120  # ... or bold, at body size, and at most this long
     heading_max_chars: int = 200
@@ -64,11 +67,37 @@ class FontStats:
     heading_sizes: list[float] = field(default_factory=list)  # distinct, largest first
 
 
-_CAPTION = re.compile(
-    r"^\s*(fig(ure)?|table|tab|chart|exhibit|listing|plate|diagram|graph|photo|scheme|algorithm|"
-    r"abbildung|abb|tabelle|tableau|tabla|figura|图|表)\s*\.?\s*([0-9]+|[ivxlc]+\b|[a-z]\b|[一二三四五六七八九十]+)",
-    re.IGNORECASE,
+# caption words: English, German, French, Spanish, Italian, Portuguese, Dutch, Russian, Ukrainian,
+# Bulgarian/Serbian, Polish, Czech, Chinese, Japanese, Korean
+_CAPTION_WORDS = (
+    r"fig(?:ure)?|table|tab|tbl|chart|exhibit|listing|plate|diagram|graph|photo|scheme|algorithm|"
+    r"abbildung|abb|tabelle|tab|tableau|tabla|cuadro|figura|fig|tabella|tabela|quadro|figuur|tabel|"
+    r"рисунок|рис|таблица|табл|таблиця|фигура|фиг|слика|табела|rysunek|rys|tabulka|obrázek|obr|"
+    r"图|表|図|그림|표"
 )
+_CAPTION_NUMBER = r"(?:[0-9]+(?:[.\-][0-9]+)*|[ivxlc]+\b|[a-z]\b|[一二三四五六七八九十]+)"
+_CAPTION_HEAD = re.compile(rf"^\s*(?:{_CAPTION_WORDS})\s*\.?\s*{_CAPTION_NUMBER}(?![0-9])", re.IGNORECASE)
+_CAPTION_SEPARATORS = ":.-–—|：．"
+
+
+def caption_start(line: str) -> Optional[str]:
+    """"Table 2.1: ...", "Рис. 1.1. ...", "図 3 ..." -> what follows the number; None if ``line`` is not a
+    caption's start. A separator, the end of the line or a capital must follow the number:
+    "Рис. 1.1 показує ..." / "Figure 3 shows ..." is a sentence about the figure, not its caption."""
+    match = _CAPTION_HEAD.match(line)
+    if match is None:
+        return None
+    rest = line[match.end():]
+    stripped = rest.lstrip()
+    if not stripped:
+        return ""
+    if stripped[0] in _CAPTION_SEPARATORS:
+        return stripped[1:].strip()
+    if rest[:1].isspace() and (stripped[0].isupper() or not stripped[0].isalpha() or not stripped[0].islower()):
+        return stripped
+    return None
+
+
 _BULLET = re.compile(r"^\s*([\u2022\u2023\u25e6\u2043\u2219\u25aa\u25cf\u25a0\u25a1\u2013\u2014\-\*\u00b7\u2192>]"
                      r"|\(?[0-9]{1,2}[.)]|\(?[a-z][.)]|\(?[ivx]{1,4}[.)])\s+\S", re.IGNORECASE)
 _NUMBERED_HEADING = re.compile(r"^\s*((chapter|section|part|appendix|kapitel|第)\s+)?"
@@ -108,32 +137,74 @@ def _in_margin(block: TextBlock, page: PageContent, cfg: LayoutConfig) -> Option
     short = len(block.lines) <= 3 and block.num_chars <= 200
     if not short:
         return None
-    if block.bbox[3] <= top_limit:
+    # a running head's top is in the zone and its bottom at most a line below it (LaTeX's
+    # headings sit lower than DocBook's)
+    if block.bbox[3] <= top_limit or (block.bbox[1] < top_limit and block.bbox[3] <= top_limit + 0.04 * page.height
+                                      and len(block.lines) == 1):
         return "header"
     if block.bbox[1] >= bottom_limit:
         return "footer"
     return None
 
 
-def running_blocks(pages: Sequence[PageContent], cfg: LayoutConfig) -> set[tuple[int, int]]:
+def running_blocks(pages: Sequence[PageContent], cfg: LayoutConfig, body_size: float = 0.0) -> set[tuple[int, int]]:
     """(page index, block index) of running headers/footers: margin blocks whose text (page numbers
-    masked) repeats on enough pages, plus margin blocks that are just a page number."""
+    masked) repeats on enough pages, margin blocks that are just a page number, and top-margin
+    blocks at body size or smaller that sit at the same height on at least half of the pages:
+    running heads that name the current chapter or section ("CHAPTER 3. TOOLS 3.3. GIT", "1.5
+    Typical session 7") change text from page to page but not place."""
     occurrences: dict[tuple[str, str], set[int]] = defaultdict(set)
-    candidates: list[tuple[int, int, str, str]] = []
+    places: dict[tuple[int, float], set[int]] = defaultdict(set)
+    candidates: list[tuple[int, int, str, str, Optional[tuple[int, float]]]] = []
     for p, page in enumerate(pages):
         for b, block in enumerate(page.blocks):
             zone = _in_margin(block, page, cfg)
             if zone:
                 key = _norm(block.text)
                 occurrences[(zone, key)].add(p)
-                candidates.append((p, b, zone, key))
+                place = None
+                # slides (landscape pages) put their frame titles at one height: those are headings
+                if (zone == "header" and len(block.lines) <= 2 and page.height >= page.width
+                        and (not body_size or block.size < body_size * cfg.heading_size_ratio)):
+                    place = (round(block.bbox[1] / 3), block.size)
+                    places[place].add(p)
+                candidates.append((p, b, zone, key, place))
     pages_with_text = sum(1 for page in pages if page.blocks)
     needed = 2 if pages_with_text <= 4 else max(2, min(cfg.min_repeats, round(cfg.repeat_fraction * pages_with_text)))
+    needed_place = max(2, math.ceil(cfg.running_place_fraction * pages_with_text))
     found = set()
-    for p, b, zone, key in candidates:
-        if len(occurrences[(zone, key)]) >= needed or _PAGE_NUMBER.match(key):
+    for p, b, zone, key, place in candidates:
+        if (len(occurrences[(zone, key)]) >= needed or _PAGE_NUMBER.match(key)
+                or (place is not None and len(places[place]) >= needed_place)):
             found.add((p, b))
     return found
+
+
+def _merge_split_captions(page: PageContent) -> PageContent:
+    """"Table 2:" + "Predefined font sets" (two blocks) -> one caption block: a block that is only a
+    caption's number takes the block right after it when that one is short and close below or beside."""
+    blocks = page.blocks
+    if not any(caption_start(b.text) == "" for b in blocks):
+        return page
+    merged: list[TextBlock] = []
+    i = 0
+    while i < len(blocks):
+        block = blocks[i]
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        if nxt is not None and caption_start(block.text) == "" and len(nxt.lines) <= 3:
+            line_height = max(block.bbox[3] - block.bbox[1], 1.0)
+            below = 0 <= nxt.bbox[1] - block.bbox[3] <= 1.5 * line_height
+            beside = abs(nxt.bbox[1] - block.bbox[1]) <= 0.5 * line_height and nxt.bbox[0] >= block.bbox[2] - 1
+            if below or beside:
+                bbox = (min(block.bbox[0], nxt.bbox[0]), min(block.bbox[1], nxt.bbox[1]),
+                        max(block.bbox[2], nxt.bbox[2]), max(block.bbox[3], nxt.bbox[3]))
+                lines = [block.lines[0] + " " + nxt.lines[0]] + nxt.lines[1:]
+                merged.append(TextBlock(bbox=bbox, lines=lines, size=block.size, bold=block.bold))
+                i += 2
+                continue
+        merged.append(block)
+        i += 1
+    return replace(page, blocks=merged)
 
 
 def _center_inside(bbox, region, slack: float = 2.0) -> bool:
@@ -149,10 +220,12 @@ def _is_list(block: TextBlock) -> bool:
 
 
 def _is_caption(block: TextBlock) -> bool:
-    return block.num_chars <= 400 and _CAPTION.match(block.lines[0]) is not None
+    return block.num_chars <= 400 and caption_start(block.lines[0]) is not None
 
 
-def _looks_like_heading(block: TextBlock, stats: FontStats, cfg: LayoutConfig) -> bool:
+def _looks_like_heading(block: TextBlock, stats: FontStats, cfg: LayoutConfig, page_width: float = 0.0,
+                        page_height: float = 0.0) -> bool:
+    """Larger than the body, or bold at body size; short; not a sentence (a slide's frame title may be)."""
     if len(block.lines) > cfg.heading_max_lines or block.num_chars > cfg.heading_max_chars:
         return False
     text = block.text.strip()
@@ -160,7 +233,8 @@ def _looks_like_heading(block: TextBlock, stats: FontStats, cfg: LayoutConfig) -
         return False
     if sum(ch.isalpha() for ch in text) < 2:  # numbers, formulas, table residue
         return False
-    if text.endswith((".", ",", ";")) and not _NUMBERED_HEADING.match(text):
+    slide = page_width > page_height > 0
+    if text.endswith((".", ",", ";")) and not _NUMBERED_HEADING.match(text) and not (slide and block.bold >= 0.5):
         return False
     if _TOC_LINE.search(" ".join(block.lines)):  # a table-of-contents row ("2.1 Overview .... 7"), not a heading
         return False
@@ -196,12 +270,27 @@ def label_document(
     toc: Sequence[TocEntry] = (),
     metadata_title: str = "",
     cfg: Optional[LayoutConfig] = None,
+    method: str = "heuristic",
+    pdf_pages: Optional[Sequence] = None,
 ) -> list[list[Block]]:
     """Labelled blocks for every page, in reading (content-stream) order, tables and figures placed
-    where their first block (or their vertical position) falls."""
+    where their first block (or their vertical position) falls.
+
+    ``method``: "heuristic" (the default: text-layer rules below, ~10-20 pages/s with reading) or
+    "model" (PyMuPDF's ONNX layout model on ``pdf_pages``, the PyMuPDF page objects; ~1 page/s on
+    one CPU core; see tools/bench/layout.py for both on hand-labelled pages).
+    """
+    if method not in LAYOUT_METHODS:
+        raise ValueError(f"unknown layout method {method!r}; expected one of {', '.join(LAYOUT_METHODS)}")
+    if method == "model":
+        if pdf_pages is None or len(pdf_pages) != len(pages):
+            raise ValueError("layout method 'model' needs the PyMuPDF page of every page (pdf_pages)")
+        from megatron_vlm.pool.layout_model import model_blocks
+        return [model_blocks(page) for page in pdf_pages]
     cfg = cfg or LayoutConfig()
+    pages = [_merge_split_captions(page) for page in pages]
     stats = font_stats(pages)
-    running = running_blocks(pages, cfg)
+    running = running_blocks(pages, cfg, stats.body_size)
     toc_by_page: dict[int, list[TocEntry]] = defaultdict(list)
     for entry in toc:
         toc_by_page[entry.page].append(entry)
@@ -274,7 +363,7 @@ def _label_block(p, b, block: TextBlock, page: PageContent, stats: FontStats, ru
         return Block(label="section", bbox=block.bbox, text=text, level=entry.level)
     if _is_list(block):
         return Block(label="list", bbox=block.bbox, text=text)
-    if _looks_like_heading(block, stats, cfg):
+    if _looks_like_heading(block, stats, cfg, page.width, page.height):
         return Block(label="section", bbox=block.bbox, text=text, level=_heading_level(block, stats))
     return Block(label="paragraph", bbox=block.bbox, text=text)
 
@@ -306,4 +395,4 @@ def _insert_by_y(blocks: list[Block], new: Block) -> None:
     blocks.insert(index, new)
 
 
-__all__ = ["LABELS", "Block", "FontStats", "LayoutConfig", "font_stats", "label_document", "running_blocks"]
+__all__ = ["LABELS", "LAYOUT_METHODS", "caption_start", "Block", "FontStats", "LayoutConfig", "font_stats", "label_document", "running_blocks"]

@@ -412,6 +412,11 @@ def _text_flags() -> int:
     return flags | pymupdf.TEXT_DEHYPHENATE
 
 
+def page_text(page) -> str:
+    """The page's raw text layer (control characters kept) for ``text_quality.check_page_text``."""
+    return page.get_text("text", flags=_text_flags())
+
+
 def read_text_blocks(page, limits: PdfLimits) -> tuple[list[TextBlock], bool]:
     """The page's text layer as blocks (images excluded: their bytes are not wanted here)."""
     page_dict = page.get_text("dict", flags=_text_flags())
@@ -562,15 +567,25 @@ def ocr_blocks(page, settings: OcrSettings, limits: PdfLimits) -> tuple[list[Tex
 
 
 def read_page(page, limits: PdfLimits, ocr: Optional[OcrSettings] = None, ocr_budget: Optional[list[int]] = None,
-              tables: bool = True) -> PageContent:
+              tables: bool = True, text_broken: bool = False, broken_ocr: Optional[OcrSettings] = None) -> PageContent:
     """Read one page's content: text layer (or OCR), tables, image boxes; every step bounded.
 
     ``ocr_budget`` is a one-element list shared by a document's pages: OCR runs while it is > 0.
+    ``text_broken``: the text layer failed ``text_quality.check_page_text``; it is never used, the
+    page is OCR'd with ``broken_ocr`` (the pool planned and budgeted it) or keeps no blocks.
     """
     rect = page.rect
     content = PageContent(number=page.number + 1, width=round(rect.width, 2), height=round(rect.height, 2))
     blocks, truncated = read_text_blocks(page, limits)
-    if text_is_usable(blocks):
+    if text_broken:
+        blocks, truncated = [], False
+        if broken_ocr is not None:
+            try:
+                blocks, truncated = ocr_blocks(page, broken_ocr, limits)
+                content.source = "ocr" if blocks else "none"
+            except Exception as exc:
+                content.warnings.append(f"ocr failed: {_short(exc)}")
+    elif text_is_usable(blocks):
         content.source = "text"
     else:
         if blocks:
@@ -626,6 +641,7 @@ __all__ = [
     "ocr_tessdata",
     "open_pdf",
     "page_count",
+    "page_text",
     "read_page",
     "read_text_blocks",
     "read_toc",
