@@ -9,7 +9,9 @@
   python tools/evaluate.py holdout --pool POOL --num-docs N --output eval_hashes.txt
 
 Data SPECs: ``mmlb:mmlb_data/documentQA,images=mmlb_image`` (MMLongBench as published),
-``samples:heldout.jsonl,pool=POOL`` (our held-out Samples), ``niah:POOL`` (needle suite),
+``mmlb-doc:MMLongBench-Doc/data`` (MMLongBench-Doc's original release: samples.json + PDFs, rendered
+once at 144 DPI into OUT/page_cache), ``samples:heldout.jsonl,pool=POOL`` (our held-out Samples),
+``niah:POOL`` (needle suite),
 ``mmlb-niah:mmlb_data/NIAH,images=mmlb_image`` (MMLongBench's standardised MM-NIAH, prompted from
 --mmlb-dir, scored by its rules, reported as the paper: Ret., Count, Reas., AVG.).
 Backends: ``openai:http://host:8000/v1`` (vLLM ...), ``hf:HF_DIR``, ``megatron:MODEL_DIR``.
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="build contexts, generate, score, report (the default)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run.add_argument("--data", action="append", required=True, metavar="SPEC",
-                     help="mmlb:DIR,images=DIR | samples:FILE[,pool=POOL][,negatives=POOL] | niah:POOL | "
+                     help="mmlb:DIR,images=DIR | mmlb-doc:DIR[,cache=DIR] | samples:FILE[,pool=POOL][,negatives=POOL] | niah:POOL | "
                           "mmlb-niah:NIAH_DIR,images=DIR (repeatable)")
     run.add_argument("--lengths", default="8K,16K,32K,64K,128K", help="token budgets (binary K/M)")
     run.add_argument("--model", action="append", default=[], metavar="[NAME=]BACKEND:PATH_OR_URL",
