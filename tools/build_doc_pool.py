@@ -41,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude-hashes", action="append", default=[], metavar="FILE",
                    help="SHA-256 list of documents to exclude (evaluation sets); repeatable")
     g.add_argument("--no-tables", action="store_true", help="skip PyMuPDF table detection")
+    g.add_argument("--layout", choices=("heuristic", "model"), default="heuristic",
+                   help="block labels: text-layer heuristics (default) or PyMuPDF's ONNX layout model "
+                        "(~1 page/s per core; tools/bench/layout.py compares them)")
     g = p.add_argument_group("OCR (Tesseract inside PyMuPDF; pages without a usable text layer)")
     g.add_argument("--ocr", action="store_true", help="OCR pages without a usable text layer")
     g.add_argument("--ocr-languages", default="eng", help="Tesseract languages, e.g. eng+chi_sim")
     g.add_argument("--ocr-max-pages", type=int, default=50, help="OCR at most this many pages per document")
     g.add_argument("--ocr-dpi", type=int, default=200, help="resolution of the image given to Tesseract")
+    g.add_argument("--broken-text-layer", choices=("ocr", "reject"), default="ocr",
+                   help="pages whose text layer is mojibake (e.g. Cyrillic read as Latin-1): ocr = OCR them in "
+                        "the script found (needs its Tesseract data, e.g. tesseract-ocr-rus; counts against "
+                        "--ocr-max-pages), reject = never; a document with over 10%% of its pages left unread "
+                        "is rejected as broken_text_layer")
     g = p.add_argument_group("limits (per page / per document)")
     g.add_argument("--max-file-mb", type=float, default=512.0, help="reject larger files (too_large)")
     g.add_argument("--max-page-pixels", type=int, default=PdfLimits.max_page_pixels,
@@ -94,7 +102,8 @@ def config_from_args(args: argparse.Namespace):
         output=os.path.abspath(args.output), dpi=args.dpi, min_pages=args.min_pages, max_pages=args.max_pages,
         image_format=args.image_format, image_quality=args.image_quality, ocr=args.ocr,
         ocr_languages=args.ocr_languages, ocr_max_pages=args.ocr_max_pages, ocr_dpi=args.ocr_dpi,
-        tables=not args.no_tables, limits=limits, workers=args.workers, doc_timeout=args.doc_timeout,
+        broken_text=args.broken_text_layer, tables=not args.no_tables, layout=args.layout, limits=limits, workers=args.workers,
+        doc_timeout=args.doc_timeout,
         worker_memory_gb=args.worker_memory_gb, retry_failed=args.retry_failed, progress=not args.no_progress,
     ).validate()
 

@@ -23,6 +23,7 @@ merged manifest, byte for byte, as a clean run.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import glob
 import json
 import os
@@ -39,7 +40,7 @@ from megatron_vlm.data.image_processing import image_token_count, smart_resize
 from megatron_vlm.pool import pdf as pdfmod
 from megatron_vlm.common.inputs import select_shard, sha256_file
 from megatron_vlm.pool.language import detect_language, sample_text
-from megatron_vlm.pool.layout import Block, label_document
+from megatron_vlm.pool.layout import LAYOUT_METHODS, Block, label_document
 from megatron_vlm.pool.near_dup import NearDuplicateFinder, text_minhash
 from megatron_vlm.pool.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
 from megatron_vlm.pool.records import (
@@ -53,6 +54,7 @@ from megatron_vlm.pool.records import (
     image_relpath,
 )
 from megatron_vlm.pool.sections import check_outline, document_sections, join_lines
+from megatron_vlm.pool import text_quality
 from megatron_vlm.common.storage import (
     JsonlAppender,
     atomic_write_bytes,
@@ -85,7 +87,17 @@ class PoolConfig:
     ocr_languages: str = "eng"
     ocr_max_pages: int = 50
     ocr_dpi: int = 200
+    # pages whose text layer fails text_quality (mojibake, control characters): "ocr" reads them
+    # with Tesseract in the script the check found (when its data is installed, within
+    # ocr_max_pages), "reject" never; a document with more such pages left unread than
+    # broken_text_max_share of its pages is rejected as broken_text_layer
+    broken_text: str = "ocr"
+    broken_text_max_share: float = 0.1
     tables: bool = True
+    # block labels: "heuristic" (text-layer rules) or "model" (PyMuPDF's ONNX layout model); on 34
+    # hand-labelled real pages (tools/bench/layout.py) the heuristics score macro F1 0.75 vs 0.67
+    # at ~15x the model's pages/s, so they are the default
+    layout: str = "heuristic"
     limits: PdfLimits = field(default_factory=PdfLimits)
     workers: int = max(1, os.cpu_count() or 1)
     doc_timeout: float = 600.0
@@ -94,13 +106,19 @@ class PoolConfig:
     progress: bool = True
 
     OUTPUT_FIELDS = ("dpi", "min_pages", "max_pages", "image_format", "image_quality", "ocr", "ocr_languages",
-                     "ocr_max_pages", "ocr_dpi", "tables", "limits")
+                     "ocr_max_pages", "ocr_dpi", "broken_text", "broken_text_max_share", "tables", "limits")
 
     def validate(self) -> "PoolConfig":
         if self.image_format not in IMAGE_SUFFIX:
             raise ValueError(f"image format must be one of {sorted(IMAGE_SUFFIX)}, got {self.image_format!r}")
+        if self.layout not in LAYOUT_METHODS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUT_METHODS)}, got {self.layout!r}")
         if not 1 <= self.image_quality <= 100:
             raise ValueError("image quality must be in 1..100")
+        if self.broken_text not in ("ocr", "reject"):
+            raise ValueError(f"broken text layer policy must be ocr or reject, got {self.broken_text!r}")
+        if not 0.0 <= self.broken_text_max_share < 1.0:
+            raise ValueError(f"broken_text_max_share must be in [0, 1), got {self.broken_text_max_share}")
         if self.dpi <= 0 or self.min_pages < 0 or self.max_pages < max(1, self.min_pages):
             raise ValueError(f"bad page/DPI settings: dpi={self.dpi} min_pages={self.min_pages} "
                              f"max_pages={self.max_pages}")
@@ -190,8 +208,55 @@ def _ocr_settings(cfg: PoolConfig) -> Optional[OcrSettings]:
     return OcrSettings(languages=cfg.ocr_languages, dpi=cfg.ocr_dpi, max_pages=cfg.ocr_max_pages, tessdata=tessdata)
 
 
+@functools.lru_cache(maxsize=64)
+def _has_tessdata(languages: str) -> bool:
+    return pdfmod.ocr_tessdata(languages) is not None
+
+
+def _check_text_layer(doc, num_pages: int, cfg: PoolConfig, source: str) -> tuple[list, text_quality.BrokenPagePlan]:
+    """Check every page's text layer before any rendering; reject the document when more of its
+    pages are broken and cannot be OCR'd than ``broken_text_max_share`` allows."""
+    checks = [text_quality.check_page_text(pdfmod.page_text(pdfmod.load_page(doc, i)), _has_tessdata)
+              for i in range(num_pages)]
+    plan = text_quality.plan_broken_pages(checks, cfg.broken_text, cfg.ocr_max_pages,
+                                          cfg.ocr_languages if cfg.ocr else None, _has_tessdata)
+    _reject_if_unreadable(plan.unrepaired, plan, checks, num_pages, cfg, source)
+    return checks, plan
+
+
+def _reject_if_unreadable(unrepaired: list[int], plan: text_quality.BrokenPagePlan, checks: list, num_pages: int,
+                          cfg: PoolConfig, source: str) -> None:
+    if len(unrepaired) <= int(cfg.broken_text_max_share * num_pages):
+        return
+    first = checks[unrepaired[0] - 1]
+    reasons = Counter(r for n in plan.broken for r in checks[n - 1].reasons)
+    advice = "; ".join(plan.advice) or "these pages were OCR'd but the OCR text failed the check too"
+    raise PdfRejected("broken_text_layer",
+                      f"{source}: text layer broken on {len(plan.broken)} of {num_pages} pages "
+                      f"({text_quality.page_ranges(plan.broken)}; {dict(sorted(reasons.items()))}), "
+                      f"{len(unrepaired)} cannot be read ({text_quality.page_ranges(unrepaired)}); "
+                      f"page {unrepaired[0]}: {first.describe() or 'OCR text unusable'}. To do: {advice}")
+
+
+def _text_layer_summary(checks: list, plan: text_quality.BrokenPagePlan, ocr_pages: list[int], dropped: list[int],
+                        language_confidence: float) -> dict:
+    """The record's ``text_layer``: status ok | ocr (every broken page OCR'd) | dropped (some keep
+    no blocks), the broken pages and why, and the document's language-ID confidence."""
+    out: dict[str, Any] = {"status": "dropped" if dropped else ("ocr" if plan.broken else "ok"),
+                           "language_confidence": language_confidence}
+    if plan.broken:
+        out["broken_pages"] = plan.broken
+        out["ocr_pages"] = ocr_pages
+        out["dropped_pages"] = dropped
+        out["reasons"] = dict(sorted(Counter(r for n in plan.broken for r in checks[n - 1].reasons).items()))
+        out["ocr_languages"] = sorted(set(plan.ocr.values()))
+        out["examples"] = [dict(checks[n - 1].to_dict(), page=n) for n in plan.broken[:3]]
+    return out
+
+
 def _process_page(doc, index: int, doc_id: str, cfg: PoolConfig, ocr: Optional[OcrSettings], ocr_budget: list[int],
-                  timing: dict) -> tuple[PageRecord, pdfmod.PageContent]:
+                  timing: dict, text_broken: bool = False,
+                  broken_ocr: Optional[OcrSettings] = None) -> tuple[PageRecord, pdfmod.PageContent]:
     """Render, count tokens, store the image, and read the content of page ``index`` (0-based)."""
     t0 = time.perf_counter()
     page = pdfmod.load_page(doc, index)
@@ -206,7 +271,8 @@ def _process_page(doc, index: int, doc_id: str, cfg: PoolConfig, ocr: Optional[O
     atomic_write_bytes(os.path.join(cfg.output, image), pdfmod.encode_image(rendered, cfg.image_format,
                                                                             cfg.image_quality))
     t2 = time.perf_counter()
-    content = pdfmod.read_page(page, cfg.limits, ocr, ocr_budget, tables=cfg.tables)
+    content = pdfmod.read_page(page, cfg.limits, ocr, ocr_budget, tables=cfg.tables, text_broken=text_broken,
+                               broken_ocr=broken_ocr)
     t3 = time.perf_counter()
     for key, value in (("render", t1 - t0), ("encode", t2 - t1), ("parse", t3 - t2)):
         timing[key] = timing.get(key, 0.0) + value
@@ -227,12 +293,29 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
         if doc.is_repaired and not _has_eof_marker(task.source):
             raise PdfRejected("corrupt", "truncated: broken cross-reference table and no %%EOF at the end")
         doc_id = task.doc_id
+        t0 = time.perf_counter()
+        checks, plan = _check_text_layer(doc, num_pages, cfg, task.source)
+        timing["text_check"] = timing.get("text_check", 0.0) + time.perf_counter() - t0
         remove_stale_temporaries(cfg.output, doc_id)
-        ocr, ocr_budget = _ocr_settings(cfg), [cfg.ocr_max_pages]
+        ocr, ocr_budget = _ocr_settings(cfg), [cfg.ocr_max_pages - len(plan.ocr)]
         pages, contents, damaged, warnings = [], [], [], []
+        ocr_pages, dropped = [], list(plan.unrepaired)
         pymupdf.TOOLS.reset_mupdf_warnings()
         for index in range(num_pages):
-            record, content = _process_page(doc, index, doc_id, cfg, ocr, ocr_budget, timing)
+            broken_ocr = None
+            if index + 1 in plan.ocr:
+                broken_ocr = OcrSettings(languages=plan.ocr[index + 1], dpi=cfg.ocr_dpi, max_pages=cfg.ocr_max_pages,
+                                         tessdata=pdfmod.ocr_tessdata(plan.ocr[index + 1]))
+            record, content = _process_page(doc, index, doc_id, cfg, ocr, ocr_budget, timing,
+                                            text_broken=checks[index].broken, broken_ocr=broken_ocr)
+            if broken_ocr is not None:  # OCR output is checked like a text layer
+                if content.source == "ocr" and not text_quality.check_page_text(
+                        "\n".join(b.text for b in content.blocks)).broken:
+                    ocr_pages.append(index + 1)
+                else:
+                    content.blocks, content.source, content.num_chars = [], "none", 0
+                    record.source, record.num_chars = "none", 0
+                    dropped.append(index + 1)
             if _DAMAGE.search(pymupdf.TOOLS.mupdf_warnings(reset=True) or ""):
                 damaged.append(index + 1)
             warnings.extend(f"page {index + 1}: {w}" for w in content.warnings)
@@ -240,6 +323,14 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             contents.append(content)
         if damaged and (doc.is_repaired or len(damaged) > max(1, num_pages // 10)):
             raise PdfRejected("corrupt", f"content missing on {len(damaged)} page(s), e.g. page {damaged[0]}")
+        dropped.sort()
+        _reject_if_unreadable(dropped, plan, checks, num_pages, cfg, task.source)
+        if plan.broken:
+            warnings.insert(0, f"text layer broken on pages {text_quality.page_ranges(plan.broken)} "
+                               f"({checks[plan.broken[0] - 1].describe()}): OCR'd "
+                               f"{text_quality.page_ranges(ocr_pages) or 'none'} "
+                               f"with {'/'.join(sorted(set(plan.ocr.values()))) or '-'}, no blocks on "
+                               f"{text_quality.page_ranges(dropped) or 'none'}")
 
         t0 = time.perf_counter()
         toc = pdfmod.read_toc(doc, num_pages, cfg.limits)
@@ -248,10 +339,13 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             warnings.insert(0, f"outline ignored: {outline_ignored}")
             toc = []
         metadata_title = pdfmod.metadata_title(doc)
-        labelled = label_document(contents, toc, metadata_title)
+        pdf_pages = [doc.load_page(i) for i in range(num_pages)] if cfg.layout == "model" else None
+        labelled = label_document(contents, toc, metadata_title, method=cfg.layout, pdf_pages=pdf_pages)
         sections = document_sections(toc, labelled, num_pages)
-        language = detect_language(sample_text(b.text for blocks in labelled for b in blocks
-                                               if b.label in ("paragraph", "list", "caption", "section", "title")))
+        body = sample_text(b.text for blocks in labelled for b in blocks
+                           if b.label in ("paragraph", "list", "caption", "section", "title"))
+        language = detect_language(body)
+        language_confidence = text_quality.identify_language(body)[1] if language != "unknown" else 0.0
         page_blocks = []
         for record, content, blocks in zip(pages, contents, labelled):
             record.num_blocks = len(blocks)
@@ -269,6 +363,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             section_source=sections[0].source if sections else "pages", sections=sections, blocks=blocks_file,
             pages=pages, warnings=warnings[:MAX_WARNINGS], outline_ignored=outline_ignored,
             text_minhash=text_minhash(b.text for c in contents for b in c.blocks),
+            text_layer=_text_layer_summary(checks, plan, ocr_pages, dropped, language_confidence),
         )
     finally:
         doc.close()
@@ -452,6 +547,10 @@ def run_shard(
             value = _outcome_to_result(task, outcome)
             timing.update(value.get("timing", {}))
             if "record" in value:
+                text_layer = value["record"].get("text_layer") or {}
+                if text_layer.get("status", "ok") != "ok":
+                    line = next((w for w in value["record"]["warnings"] if w.startswith("text layer broken")), "")
+                    log(f"warning: {task.source}: {line}")
                 manifest.append(value["record"])
                 result.accepted += 1
                 result.pages += value["record"]["num_pages"]
@@ -505,7 +604,7 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
                         break
                     summary = (rec["num_pages"], rec["language"], rec["total_tokens"], rec.get("section_source", ""),
                                tuple(Counter(p["source"] for p in rec["pages"]).items()),
-                               bool(rec.get("outline_ignored")))
+                               bool(rec.get("outline_ignored")), (rec.get("text_layer") or {}).get("status", "ok"))
                     entries.append((rec["doc_id"], rec["sha256"], rec["source"], i, offset, len(raw), summary,
                                     _signature(rec.get("text_minhash"))))
                     offset += len(raw)
@@ -585,7 +684,7 @@ def _copy_lines(output: str, count: int, spans: Sequence[tuple[int, int, int]], 
 
 def pool_stats(summaries: Sequence[tuple], rejected: Sequence[dict]) -> dict:
     """Table-9-style statistics from (num_pages, language, tokens, section_source, page sources[,
-    outline ignored])."""
+    outline ignored[, text layer status]])."""
     pages = [s[0] for s in summaries]
     tokens = [s[2] for s in summaries]
     languages = Counter(s[1] for s in summaries)
@@ -606,6 +705,8 @@ def pool_stats(summaries: Sequence[tuple], rejected: Sequence[dict]) -> dict:
         "page_block_sources": dict(sorted(sources.items())),
         "section_sources": dict(sorted(Counter(s[3] for s in summaries).items())),
         "outlines_ignored": sum(1 for s in summaries if len(s) > 5 and s[5]),  # failed check_outline
+        # text_quality: ok, ocr (broken pages OCR'd), dropped (some broken pages keep no blocks)
+        "text_layers": dict(sorted(Counter(s[6] if len(s) > 6 else "ok" for s in summaries).items())),
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
     }
@@ -630,6 +731,10 @@ def format_stats(stats: dict) -> str:
         share = f"{entry['documents']:,} ({entry['percent']:.2f}%)"
         rows.append(("Lang." if first else "", f"{name} documents", share))
         first = False
+    broken = {k: v for k, v in stats.get("text_layers", {}).items() if k != "ok"}
+    if broken:
+        rows.append(("Text layer", "Broken: OCR'd / pages dropped",
+                     f"{broken.get('ocr', 0):,} / {broken.get('dropped', 0):,}"))
     rows.append(("Rejected", "Documents", f"{stats['rejected']:,}"))
     for reason, c in stats["rejected_by_reason"].items():
         rows.append(("", reason, f"{c:,}"))

@@ -38,6 +38,7 @@ REJECT_REASONS = (
     "duplicate",  # same SHA-256 as a document already in the pool
     "near_duplicate",  # same text layer (MinHash Jaccard >= 0.8) as a document earlier by path (merge)
     "contaminated",  # SHA-256 in the exclusion list (evaluation benchmarks)
+    "broken_text_layer",  # too many pages whose text layer is not what they show, and no OCR for them
     "render_failure",  # a page does not render (or has an unusable size/aspect ratio)
     "timeout",  # over the per-document time limit: the worker was killed
     "crash",  # the worker died (memory limit, signal)
@@ -84,6 +85,9 @@ class DocRecord:
     schema: str = SCHEMA
     text_minhash: list[int] = field(default_factory=list)  # near_dup.text_minhash ([] = too little text)
     outline_ignored: str = ""  # why the PDF outline failed sections.check_outline ("" = used or none)
+    # text_quality's verdict: status ok | ocr | dropped, broken pages and why, language-ID confidence
+    # ({} in manifests written before the check existed)
+    text_layer: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         data = asdict(self)
