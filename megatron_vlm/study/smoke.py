@@ -1,0 +1,143 @@
+"""``--smoke``: every variant of a study end to end on a CPU in minutes, with the tiny model.
+
+Inputs are made as the quickstart makes them (examples/quickstart.sh), smaller: generated report
+PDFs, document pools at 24 DPI (63 tokens a page), offline-teacher synthesis of only the tasks the
+study uses, a held-out set from separate documents, and (for short-data studies) one-page LLaVA
+records from the pool's pages. They are built once under WORK/smoke_inputs (a marker per item).
+
+What is scaled down, and how:
+* rows of 2,048 tokens; OCR-full transcriptions (10-13K tokens here) are truncated to them
+  (``--overlong truncate``; the statistics are of the untruncated mixture);
+* the token budget is 24K per variant (equal for all), sampled with ``--allow-repeat``;
+* "long" is the pool's own 76.4th percentile of VQA sample lengths, so that the pool-native share
+  of long samples is the paper's 23.6% (Table 11: >= 100K of samples up to 128K);
+* two training steps of one row, evaluated at 1K and 2K (the 64K/128K of the smoke) on 2 held-out
+  questions with the rule judge, 8 new tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from megatron_vlm.common.storage import atomic_write_bytes
+from megatron_vlm.study.ablations import ABLATIONS, VQA_TASKS
+from megatron_vlm.study.commands import REPO, StudyConfig
+
+ROW = 2048
+TRAIN_DOCS, EVAL_DOCS = 6, 2
+SAMPLES_PER_TASK = {"ocr-full": TRAIN_DOCS}  # one full transcription per document
+DEFAULT_SAMPLES = 40
+POOL_NATIVE_LONG_SHARE = 0.236  # Table 11
+
+
+def _run(argv: list[str], log: Callable[[str], None], label: str) -> None:
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"smoke input {label} failed (exit {proc.returncode}): {' '.join(argv)}\n"
+                           f"{(proc.stdout + proc.stderr)[-3000:]}")
+    log(f"[smoke] {label}: done")
+
+
+def _once(marker: str, build: Callable[[], None]) -> None:
+    if os.path.isfile(marker):
+        return
+    build()
+    atomic_write_bytes(marker, b"done\n")
+
+
+def make_short_data(pool: str, out: str) -> int:
+    """One-page LLaVA records (image + 'first line of this page' -> its first text block): short-context
+    data in the format the paper mixes (LLaVA-OneVision conversations). Returns the record count."""
+    from megatron_vlm.pool.records import load_blocks, read_manifest
+
+    lines = []
+    for record in read_manifest(pool):
+        for page, blocks in zip(record.pages, load_blocks(pool, record)):
+            text = next((b["text"].strip() for b in blocks["blocks"]
+                         if b["label"] in ("title", "section", "paragraph") and b.get("text", "").strip()), "")
+            if not text:
+                continue
+            lines.append(json.dumps({"id": f"{record.doc_id}-p{page.page}", "image": page.image, "conversations": [
+                {"from": "human", "value": "<image>\nWhat is the first line of text on this page?"},
+                {"from": "gpt", "value": text[:120]}]}))
+    if not lines:
+        raise RuntimeError(f"no page of {pool} has text for short-data records")
+    atomic_write_bytes(out, ("\n".join(lines) + "\n").encode())
+    return len(lines)
+
+
+def long_threshold(pool_dir: str) -> int:
+    """The length that 23.6% of the pool's VQA samples reach (the paper's pool-native share >= 100K)."""
+    lengths = []
+    for task in VQA_TASKS:
+        path = os.path.join(pool_dir, f"{task}.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                lengths += [json.loads(line)["meta"]["num_tokens"] for line in f if line.strip()]
+    if not lengths:
+        return ROW * 100 // 128
+    return int(np.quantile(np.asarray(lengths), 1 - POOL_NATIVE_LONG_SHARE, method="higher"))
+
+
+def prepare(cfg: StudyConfig, log: Callable[[str], None] = print) -> StudyConfig:
+    """Build the tiny inputs (once) and return the study's settings scaled to a CPU."""
+    root = os.path.join(cfg.work, "smoke_inputs")
+    os.makedirs(root, exist_ok=True)
+    py = sys.executable
+    ablation = ABLATIONS[cfg.ablation].select(cfg.variants)
+    tasks = sorted(set(ablation.tasks) | ({"extract-single"} if ablation.needs_short_data else set()))
+
+    def pdfs():
+        _run([py, "-m", "megatron_vlm.pool.synthetic_pdfs", f"{root}/pdfs/train", "--corpus", str(TRAIN_DOCS),
+              "--seed", "1"], log, "PDFs (train)")
+        _run([py, "-m", "megatron_vlm.pool.synthetic_pdfs", f"{root}/pdfs/eval", "--corpus", str(EVAL_DOCS),
+              "--seed", "2"], log, "PDFs (held out)")
+
+    def pools():
+        for name, src in (("pool_eval", "eval"), ("pool", "train")):
+            _run([py, "tools/build_doc_pool.py", "--input", f"{root}/pdfs/{src}", "--output", f"{root}/{name}",
+                  "--dpi", "24", "--min-pages", "8", "--workers", "2"], log, f"document pool {name}")
+
+    def heldout():
+        _run([py, "tools/synthesize_vqa.py", "--pool", f"{root}/pool_eval", "--task", "extract-single", "--output",
+              f"{root}/eval/heldout.jsonl", "--num-samples", "4", "--teacher", "offline", "--min-pages", "8",
+              "--max-pages", "60", "--seed", "7", "--no-progress"], log, "held-out questions")
+
+    if cfg.dry_run:  # print the plan only: nothing is built
+        tasks = []
+    else:
+        _once(f"{root}/pdfs.done", pdfs)
+        _once(f"{root}/pools.done", pools)
+        _once(f"{root}/heldout.done", heldout)
+    for task in tasks:
+        _once(f"{root}/vqa/{task}.done", lambda task=task: _run(
+            [py, "tools/synthesize_vqa.py", "--pool", f"{root}/pool", "--task", task, "--output",
+             f"{root}/vqa/{task}.jsonl", "--num-samples", str(SAMPLES_PER_TASK.get(task, DEFAULT_SAMPLES)),
+             "--teacher", "offline", "--min-pages", "8", "--max-pages", "60", "--seed", "0", "--no-progress"],
+            log, f"synthesis {task}"))
+    short = None
+    if ablation.needs_short_data:
+        short = f"{root}/short/llava.jsonl"
+    if short and not cfg.dry_run:
+        os.makedirs(os.path.dirname(short), exist_ok=True)
+        _once(f"{root}/short.done", lambda: log(f"[smoke] short data: {make_short_data(f'{root}/pool', short)} "
+                                                 "one-page records"))
+    return replace(
+        cfg, pool=f"{root}/vqa", long_pool=None, short_data=short, short_image_root=f"{root}/pool" if short else None,
+        base_checkpoint=None, launcher="local", recipe="tiny_cpu", token_budget="24K", max_seq_len=ROW,
+        long_threshold=long_threshold(f"{root}/vqa"), allow_repeat=True, overlong="truncate", preprocess_workers=0,
+        train_sets=[f"schedule.global_batch_tokens={ROW}", "schedule.train_steps=2", "checkpoint.interval=2",
+                    "log.interval=1", "log.tensorboard=false", "data.num_workers=0", *cfg.train_sets],
+        eval_data=[f"samples:{root}/eval/heldout.jsonl,pool={root}/pool_eval"], eval_lengths="1K,2K",
+        overall_lengths="1K,2K", judge="rules", eval_args=["--limit", "2", "--max-new-tokens", "8"], eval_prefix=[],
+        jobs=max(cfg.jobs, 2))
+
+
+__all__ = ["long_threshold", "make_short_data", "prepare"]
