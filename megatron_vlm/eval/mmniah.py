@@ -15,7 +15,8 @@ under the image root), ``question``, ``answer``; counting-image adds ``needle_im
 question holds their ``<image>``); retrieval-image and reasoning-image add ``choices_image`` (the
 question gets a line ``X. <image>`` per option, X = A, B, ...) and answer with the option index.
 The images of a prompt are ``image_list`` then the needle or option images, one per ``<image>``
-of the filled template, in order. ``depth`` (where present) goes to the report's by-depth table.
+of the filled template, in order. ``depth`` (where present) goes to the report's by-depth table,
+rounded up to tenths as MMLongBench's depth heatmap bins it.
 
 Choice (``data.py``, after ``eval.py`` ``set_seed(args.seed)`` before each file): the file's
 distinct ids, sorted, and ``random.sample`` of ``min(max_test_samples, count)`` of them with
@@ -34,6 +35,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -209,7 +211,9 @@ def _example(rec: dict, example_id: str, name: str, family: str, variant: str, l
     fmt = {"sub_em": "String", "soft_acc": "List", "mc_acc": "Integer"}[metric]
     meta = {"family": family, "variant": variant, "metric": metric, "mmniah_id": rec["id"]}
     if isinstance(rec.get("depth"), (int, float)) and not isinstance(rec.get("depth"), bool):
-        meta["depth"] = rec["depth"]
+        # binned as MMLongBench's depth heatmap does (figure_scripts/9_heatmap_by_depth.py), float quirks included
+        meta["depth"] = math.ceil(rec["depth"] * 10) / 10
+        meta["depth_exact"] = rec["depth"]
     return EvalExample(id=example_id, dataset=name, question=question, answer=rec["answer"], answer_format=fmt,
                        task=TASK, published={length: items}, meta=meta)
 
