@@ -216,8 +216,13 @@ def _has_tessdata(languages: str) -> bool:
 def _check_text_layer(doc, num_pages: int, cfg: PoolConfig, source: str) -> tuple[list, text_quality.BrokenPagePlan]:
     """Check every page's text layer before any rendering; reject the document when more of its
     pages are broken and cannot be OCR'd than ``broken_text_max_share`` allows."""
-    checks = [text_quality.check_page_text(pdfmod.page_text(pdfmod.load_page(doc, i)), _has_tessdata)
-              for i in range(num_pages)]
+    checks = []
+    for index in range(num_pages):
+        try:
+            text = pdfmod.page_text(pdfmod.load_page(doc, index))[: text_quality.MAX_CHECK_CHARS]
+        except Exception:  # a page that fails here fails (and is reported) in the page loop
+            text = ""
+        checks.append(text_quality.check_page_text(text, _has_tessdata))
     plan = text_quality.plan_broken_pages(checks, cfg.broken_text, cfg.ocr_max_pages,
                                           cfg.ocr_languages if cfg.ocr else None, _has_tessdata)
     _reject_if_unreadable(plan.unrepaired, plan, checks, num_pages, cfg, source)

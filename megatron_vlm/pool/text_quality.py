@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+MAX_CHECK_CHARS = 50_000  # a page's text is judged on its first characters (plot pages reach ~41k)
 MIN_VISIBLE = 20  # fewer visible characters than this: too little to judge (a page number, a title)
 MIN_LETTERS = 20
 MAX_LATIN1_LETTERS = 0.30  # letters in U+00C0..U+00FF, share of all letters
@@ -98,8 +99,9 @@ class PageTextCheck:
         parts = []
         for reason in self.reasons:
             if reason.startswith("mojibake_") and self.repair is not None:
-                parts.append(f"{self.repair.script} text read as Latin-1 ({self.repair.codec} mojibake: re-decoded it "
-                             f"is {self.repair.language} at p={self.repair.confidence:.2f}, \"{self.repair.sample[:40]}\")")
+                repair = self.repair
+                parts.append(f"{repair.script} text read as Latin-1 ({repair.codec} mojibake: re-decoded it is "
+                             f"{repair.language} at p={repair.confidence:.2f}, \"{repair.sample[:40]}\")")
             elif reason == "latin1_lookalikes":
                 parts.append(f"{self.stats['latin1_letters']:.0%} of letters are Latin-1 look-alikes")
             elif reason == "control_chars":
