@@ -100,6 +100,10 @@ def caption_start(line: str) -> Optional[str]:
 
 _BULLET = re.compile(r"^\s*([\u2022\u2023\u25e6\u2043\u2219\u25aa\u25cf\u25a0\u25a1\u2013\u2014\-\*\u00b7\u2192>]"
                      r"|\(?[0-9]{1,2}[.)]|\(?[a-z][.)]|\(?[ivx]{1,4}[.)])\s+\S", re.IGNORECASE)
+# a chapter's label alone ("Chapter 3", "Kapitel 3", "Глава 3", "Part II", "第3章"): its title follows
+_CHAPTER_ONLY = re.compile(r"^\s*((chapter|kapitel|chapitre|cap[ií]tulo|capitolo|hoofdstuk|rozdzia[lł]|глава|розділ|"
+                           r"part|teil|partie|appendix|anhang|annexe|приложение|додаток)\s+([0-9]+|[IVXLC]+|[A-Z])"
+                           r"|第\s*[0-9一二三四五六七八九十]+\s*[章部])\s*[.:]?\s*$", re.IGNORECASE)
 _NUMBERED_HEADING = re.compile(r"^\s*((chapter|section|part|appendix|kapitel|第)\s+)?"
                                r"([0-9]+(\.[0-9]+)*|[A-Z](\.[0-9]+)*|[IVX]+)\.?\s+\S")
 _TOC_LINE = re.compile(r"(\.\s*){4,}\s*\d*$|^\s*[0-9]+(\.[0-9]+)*\.?\s+\D.*\s[0-9ivxlc]{1,4}$", re.IGNORECASE)
@@ -180,17 +184,26 @@ def running_blocks(pages: Sequence[PageContent], cfg: LayoutConfig, body_size: f
     return found
 
 
-def _merge_split_captions(page: PageContent) -> PageContent:
-    """"Table 2:" + "Predefined font sets" (two blocks) -> one caption block: a block that is only a
-    caption's number takes the block right after it when that one is short and close below or beside."""
+def _merge_split_labels(page: PageContent) -> PageContent:
+    """"Table 2:" + "Predefined font sets" (two blocks) -> one caption block, "Chapter 3" +
+    "Tool setups" -> one heading block: a block that is only a caption's number (or a chapter's)
+    takes the short block right after it when that one is close below or beside."""
     blocks = page.blocks
-    if not any(caption_start(b.text) == "" for b in blocks):
+    if not any(caption_start(b.text) == "" or _CHAPTER_ONLY.match(b.text) for b in blocks):
         return page
     merged: list[TextBlock] = []
     i = 0
     while i < len(blocks):
         block = blocks[i]
         nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        if nxt is not None and _CHAPTER_ONLY.match(block.text) and len(nxt.lines) <= 3 and nxt.num_chars <= 150:
+            line_height = max(block.bbox[3] - block.bbox[1], 1.0)
+            if 0 <= nxt.bbox[1] - block.bbox[3] <= 3 * line_height:
+                bbox = (min(block.bbox[0], nxt.bbox[0]), block.bbox[1], max(block.bbox[2], nxt.bbox[2]), nxt.bbox[3])
+                merged.append(TextBlock(bbox=bbox, lines=block.lines + nxt.lines, size=max(block.size, nxt.size),
+                                        bold=min(block.bold, nxt.bold)))
+                i += 2
+                continue
         if nxt is not None and caption_start(block.text) == "" and len(nxt.lines) <= 3:
             line_height = max(block.bbox[3] - block.bbox[1], 1.0)
             below = 0 <= nxt.bbox[1] - block.bbox[3] <= 1.5 * line_height
@@ -213,10 +226,12 @@ def _center_inside(bbox, region, slack: float = 2.0) -> bool:
 
 
 def _is_list(block: TextBlock) -> bool:
+    """Bulleted or numbered: most lines start with a marker, or the first one does (one item that
+    wraps over several lines: "1. Create the input file ... (5 lines)")."""
     starts = sum(1 for line in block.lines if _BULLET.match(line))
     if starts == 0:
         return False
-    return starts * 2 >= len(block.lines) or (_BULLET.match(block.lines[0]) is not None and len(block.lines) <= 2)
+    return starts * 2 >= len(block.lines) or _BULLET.match(block.lines[0]) is not None
 
 
 def _is_caption(block: TextBlock) -> bool:
@@ -241,7 +256,20 @@ def _looks_like_heading(block: TextBlock, stats: FontStats, cfg: LayoutConfig, p
     body = stats.body_size or block.size
     if block.size >= body * cfg.heading_size_ratio:
         return True
-    return block.bold >= 0.8 and block.size >= body * 0.95 and block.num_chars <= cfg.bold_heading_max_chars
+    bold_enough = block.bold >= (0.5 if slide else 0.8)
+    return bold_enough and block.size >= body * 0.95 and block.num_chars <= cfg.bold_heading_max_chars
+
+
+def _is_frame_title(p: int, b: int, block: TextBlock, page: PageContent, running, cfg: LayoutConfig) -> bool:
+    """A slide's (landscape page's) frame title: its first block below the running headline, in
+    the top fifth, at most three lines, partly bold (beamer sets the section's name, not bold, in
+    small type above the bold title in the same block)."""
+    if not page.width > page.height > 0 or block.bold < 0.3 or len(block.lines) > cfg.heading_max_lines:
+        return False
+    if block.bbox[1] > 0.2 * page.height:
+        return False
+    earlier = [i for i in range(b) if (p, i) not in running and page.blocks[i].bbox[1] <= block.bbox[1]]
+    return not earlier
 
 
 def _numbering_depth(text: str) -> Optional[int]:
@@ -288,7 +316,7 @@ def label_document(
         from megatron_vlm.pool.layout_model import model_blocks
         return [model_blocks(page) for page in pdf_pages]
     cfg = cfg or LayoutConfig()
-    pages = [_merge_split_captions(page) for page in pages]
+    pages = [_merge_split_labels(page) for page in pages]
     stats = font_stats(pages)
     running = running_blocks(pages, cfg, stats.body_size)
     toc_by_page: dict[int, list[TocEntry]] = defaultdict(list)
@@ -323,7 +351,22 @@ def label_document(
                 _insert_by_y(labelled, _table_block(table, cfg))
         for box in page.images:
             _insert_by_y(labelled, Block(label="figure", bbox=box, text=""))
-        out.append(labelled)
+        out.append(_join_title_blocks(labelled))
+    return out
+
+
+def _join_title_blocks(blocks: list[Block]) -> list[Block]:
+    """A title set over two text blocks ("On the Complexity of ... Perfect Phylogeny" + "Model") is
+    one title block: consecutive title blocks less than two lines apart are joined."""
+    out: list[Block] = []
+    for block in blocks:
+        prev = out[-1] if out else None
+        if (prev is not None and block.label == "title" and prev.label == "title"
+                and 0 <= block.bbox[1] - prev.bbox[3] <= 2 * max(block.bbox[3] - block.bbox[1], 1.0)):
+            bbox = (min(prev.bbox[0], block.bbox[0]), prev.bbox[1], max(prev.bbox[2], block.bbox[2]), block.bbox[3])
+            out[-1] = Block(label="title", bbox=bbox, text=prev.text + "\n" + block.text)
+            continue
+        out.append(block)
     return out
 
 
@@ -337,6 +380,8 @@ def _find_title(pages, stats: FontStats, running, metadata_title: str,
         for b, block in enumerate(page.blocks):
             if (p, b) in running or block.num_chars > 300 or sum(ch.isalpha() for ch in block.text) < 2:
                 continue
+            if _numbering_depth(block.text) is not None or _CHAPTER_ONLY.match(block.lines[0]):
+                continue  # "3.3 git", "Chapter 3": a heading inside the document, not its title
             big = bool(stats.body_size) and block.size >= stats.body_size * cfg.title_size_ratio
             named = len(meta_key) >= 4 and _norm_heading(block.text) == meta_key
             if big or named:
@@ -352,18 +397,22 @@ def _label_block(p, b, block: TextBlock, page: PageContent, stats: FontStats, ru
     if (p, b) in running:
         zone = _in_margin(block, page, cfg) or "header"
         return Block(label=zone, bbox=block.bbox, text=text)
-    if title_ref is not None and p == title_ref[0] and abs(block.size - title_ref[1]) < 0.26 and block.num_chars <= 300:
+    if (title_ref is not None and p == title_ref[0] and abs(block.size - title_ref[1]) < 0.26 and block.num_chars <= 300
+            and _numbering_depth(text) is None and not _CHAPTER_ONLY.match(block.lines[0])):
         return Block(label="title", bbox=block.bbox, text=text)
     if _is_caption(block):
         return Block(label="caption", bbox=block.bbox, text=text)
+    if _is_frame_title(p, b, block, page, running, cfg):
+        return Block(label="section", bbox=block.bbox, text=text, level=1)
     entries = [e for e in toc_by_page.get(page.number, ()) if id(e) not in used_toc]
     entry = _match_toc(block, entries) if entries and len(block.lines) <= cfg.heading_max_lines else None
     if entry is not None and block.num_chars <= cfg.heading_max_chars:
         used_toc.add(id(entry))
         return Block(label="section", bbox=block.bbox, text=text, level=entry.level)
-    if _is_list(block):
+    heading = _looks_like_heading(block, stats, cfg, page.width, page.height)
+    if _is_list(block) and not (heading and (block.bold >= 0.8 or block.size >= stats.body_size * cfg.heading_size_ratio)):
         return Block(label="list", bbox=block.bbox, text=text)
-    if _looks_like_heading(block, stats, cfg, page.width, page.height):
+    if heading:
         return Block(label="section", bbox=block.bbox, text=text, level=_heading_level(block, stats))
     return Block(label="paragraph", bbox=block.bbox, text=text)
 

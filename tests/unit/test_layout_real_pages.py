@@ -132,3 +132,45 @@ def test_model_running_head_parts_joined_per_line_and_model_needs_pages():
         label_document([_page(1, [])], method="model")
     with pytest.raises(ValueError, match="unknown layout method"):
         label_document([_page(1, [])], method="ocr")
+
+
+def test_chapter_label_and_title_are_one_section_and_numbered_headings_are_never_the_title():
+    """debmake-doc's chapter pages: "Chapter 3" and "Werkzeugeinrichtung" are two blocks; a page that
+    opens with "3.3 git" at 1.45x the body size is not the document's title page."""
+    page = _page(1, [_block((85, 141, 174, 162), "Chapter 3", size=20.5, bold=1.0),
+                     _block((85, 188, 315, 213), "Werkzeugeinrichtung", size=25.0, bold=1.0),
+                     _block((85, 252, 539, 400), "Das Paket build-essential muss installiert sein. " * 8),
+                     _block((85, 448, 213, 462), "3.1 E-Mail-Adresse", size=14.5, bold=1.0),
+                     _block((85, 473, 539, 600), "Verschiedene Werkzeuge erkennen Ihre Adresse. " * 8)])
+    labels = label_document([page])[0]
+    assert [(b.label, b.text) for b in labels if b.label in ("title", "section")] == [
+        ("section", "Chapter 3\nWerkzeugeinrichtung"), ("section", "3.1 E-Mail-Adresse")]
+    assert labels[0].bbox == (85, 141, 315, 213)
+
+
+def test_numbered_list_item_over_several_lines_is_a_list_but_a_bold_numbered_heading_is_not():
+    item = _block((107, 580, 453, 646), "1. Create the input file. It must be\nplain text. On Unix all editors\n"
+                                        "write such files. On Windows make sure\nthe file is saved as text.")
+    heading = _block((57, 80, 300, 94), "2. Installation", size=12.0, bold=1.0)
+    body = _block((57, 100, 567, 500), "Body text " * 80)
+    labels = label_document([_page(1, [heading, body, item])])[0]
+    assert [b.label for b in labels] == ["section", "paragraph", "list"]
+
+
+def test_slide_frame_title_with_small_section_name_above_it_is_a_section():
+    """beamer: the section's name (small, regular) and the frame title (bold) share one block."""
+    slides = [_page(i + 1, [_block((8, 1, 354, 7), "Introduction Results Summary", size=6.0),
+                            _block((8, 17, 228, 39), f"Hardness of Partitioning {i}\nFinding a partition is hard",
+                                   size=11.0, bold=0.45),
+                            _block((28, 59, 300, 150), "We start with a special case of the problem. " * 3,
+                                   size=11.0)], width=363, height=272) for i in range(3)]
+    assert [blocks[1].label for blocks in label_document(slides)] == ["section"] * 3
+
+
+def test_title_over_two_blocks_is_one_title():
+    page = _page(1, [_block((39, 52, 324, 85), "On the Complexity of SNP Block\nPartitioning Under the Perfect",
+                            size=24.0, bold=1.0),
+                     _block((160, 88, 203, 103), "Phylogeny", size=24.0, bold=1.0),
+                     _block((70, 130, 296, 400), "Body text " * 60)])
+    labels = label_document([page])[0]
+    assert labels[0].label == "title" and labels[0].bbox == (39, 52, 324, 103) and labels[1].label == "paragraph"
