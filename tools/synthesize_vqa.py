@@ -7,7 +7,7 @@
 
 Writes OUT.jsonl (one training sample per line, the megatron_vlm/data/samples.py format; schema in
 megatron_vlm/synthesis/synthesize.py and the README), OUT.dropped.jsonl (every dropped job and why),
-OUT.report.json (counts, drop reasons, token statistics, teacher usage and cost) and
+OUT.report.json (counts, drop reasons, token statistics, question kinds, teacher usage and cost) and
 OUT.settings.json. A rerun with the same settings resumes: finished jobs are skipped, nothing is
 duplicated. The openai teacher reads its API key from the environment variable named by
 --api-key-env (default OPENAI_API_KEY); the key is never printed or written.
@@ -111,6 +111,10 @@ def summary(report: dict) -> str:
     if report["tokens"]:
         t = report["tokens"]
         lines.append(f"tokens per sample: min {t['min']:,} mean {t['mean']:,} max {t['max']:,}; total {t['total']:,}")
+    kinds = report.get("question_kinds") or {}
+    if kinds:
+        total = sum(kinds.values())
+        lines.append("question kinds: " + ", ".join(f"{k} {n} ({100 * n / total:.0f}%)" for k, n in kinds.items()))
     usage = report["teacher_usage_total"]
     if usage.get("requests") or usage.get("cache_hits"):
         lines.append(f"teacher: {usage.get('requests', 0)} requests ({usage.get('retries', 0)} retries, "

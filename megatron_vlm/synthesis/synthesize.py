@@ -15,8 +15,8 @@ drawn with a per-job seed, so a job means the same thing in every run. Output fi
 
 - ``OUT.jsonl``: one :class:`megatron_vlm.data.samples.Sample` per line (schema below);
 - ``OUT.dropped.jsonl``: one line per dropped job (job, doc_id, reason, detail, question);
-- ``OUT.report.json``: counts, drop reasons, token statistics, teacher usage and cost per run,
-  and every dropped job;
+- ``OUT.report.json``: counts, drop reasons, token statistics, question kinds (samples per kind),
+  teacher usage and cost per run, and every dropped job;
 - ``OUT.settings.json``: the settings that shape the output; a rerun must use the same ones.
 
 Both JSONL files are appended line by line (fsynced); a rerun skips every job either already
@@ -623,7 +623,8 @@ class Synthesizer:
         runs.append({"status": status, "accepted": stats.accepted, "jobs": stats.jobs,
                      "dropped": dict(sorted(stats.dropped.items())), "seconds": round(seconds, 3),
                      "teacher_usage": usage})
-        tokens = [rec["meta"]["num_tokens"] for rec in read_jsonl(self.paths["output"])]
+        accepted = read_jsonl(self.paths["output"])
+        tokens = [rec["meta"]["num_tokens"] for rec in accepted]
         by_reason = Counter(d["reason"] for d in drops)
         total_usage: Counter = Counter()
         for run in runs:
@@ -646,12 +647,28 @@ class Synthesizer:
                           "max_seq_len": self.cfg.max_seq_tokens},
             "tokens": {"min": min(tokens), "max": max(tokens), "mean": round(sum(tokens) / len(tokens), 1),
                        "total": sum(tokens)} if tokens else {},
+            "question_kinds": question_kinds(accepted),
             "teacher_usage_total": {k: round(v, 6) if isinstance(v, float) else v for k, v in total_usage.items()},
             "runs": runs,
             "dropped": drops,
         }
         atomic_write_json(path, report)
         return report
+
+
+def question_kinds(samples: Sequence[dict]) -> dict[str, int]:
+    """Samples per question kind, most frequent first: the offline teacher's ``derivation.kind``
+    ("table_cell", "column_total", "locate_section", ...), "ocr" for the OCR tasks, "teacher" for a
+    model teacher's pairs (it names no kind)."""
+    kinds: Counter = Counter()
+    for rec in samples:
+        meta = rec.get("meta") or {}
+        derivation = meta.get("derivation")
+        if isinstance(derivation, dict) and isinstance(derivation.get("kind"), str):
+            kinds[derivation["kind"]] += 1
+        else:
+            kinds["ocr" if "ocr_pages" in meta else "teacher"] += 1
+    return dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _is_transient(drop: dict) -> bool:
@@ -720,6 +737,7 @@ __all__ = [
     "normalize_question",
     "page_note",
     "page_references",
+    "question_kinds",
     "render_answer",
     "section_anchor",
     "shortfall",
