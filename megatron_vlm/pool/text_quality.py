@@ -10,9 +10,10 @@ What is measured, on the raw text of a page (before whitespace and control clean
 
 - ``latin1_letters``: share of letters in U+00C0..U+00FF. Real French/German/Icelandic text stays
   well under 30 %; a Cyrillic or Greek page read as Latin-1 is 60-90 %.
-- ``control``: C0/C1 control characters (other than whitespace) per visible character (MonTeX's
+- ``control``: C0/C1 control characters inside words per visible character (MonTeX's
   Mongolian-script fonts give 5-20 %; a lone ligature such as "ff" -> U+001B stays under 1 %);
-  ``undecodable``: U+FFFD, private-use, unassigned and surrogate code points per visible character.
+  ``undecodable``: U+FFFD, private-use, unassigned and surrogate code points inside words per
+  visible character (a picture drawn with glyphs, runs of U+FFFD on their own, does not count).
 - ``mixed_words``: share of words whose letters come from two of Latin / Greek / Cyrillic.
 - the *repair* test: the page re-encoded to bytes (Latin-1 / cp1252) and decoded with a legacy
   code page (cp1251, KOI8-R, cp1253). When that turns the text into a language py3langid is sure
@@ -21,9 +22,10 @@ What is measured, on the raw text of a page (before whitespace and control clean
   only evidence: T2A and other TeX encodings differ from cp1251 in their upper half, so the pool
   OCRs the page (or rejects the document) and never stores repaired text.
 
-Each test names a reason; a page with any reason is ``broken``. Pages with no text at all (or
-too little, or mostly punctuation: ``pdf.text_is_usable``) are ``empty`` and keep the old path
-(OCR with ``--ocr``, otherwise no blocks), since that is not a misleading text layer.
+Each test names a reason; a page with any reason is ``broken``. A page with under 20 visible
+characters is ``empty``; it, and a page that passes here but is mostly punctuation
+(``pdf.text_is_usable``), keeps the scan path (OCR with ``--ocr``, otherwise no blocks): no text
+is not a misleading text layer.
 """
 
 from __future__ import annotations
@@ -138,22 +140,29 @@ _WORD = re.compile(r"[^\W\d_]{2,}")
 
 
 def character_stats(text: str) -> dict:
-    """Character-class statistics of ``text`` (see the module docstring), rounded for records."""
+    """Character-class statistics of ``text`` (see the module docstring), rounded for records.
+
+    Control and undecodable characters count only inside words (tokens that also hold letters):
+    a picture drawn with TeX's line fonts gives runs of U+FFFD between whitespace, which is no
+    text at all, while a font read through the wrong table garbles the words themselves.
+    """
     visible = letters = latin1 = control = undecodable = 0
-    for ch in text:
-        if ch.isspace():
-            continue
-        visible += 1
-        if ch.isalpha():
-            letters += 1
-            if 0xC0 <= ord(ch) <= 0xFF:
-                latin1 += 1
-            continue
-        category = unicodedata.category(ch)
-        if category == "Cc":
-            control += 1
-        elif ch == "\ufffd" or category in ("Co", "Cn", "Cs"):
-            undecodable += 1
+    for token in text.split():
+        in_word = any(ch.isalpha() for ch in token)
+        for ch in token:
+            visible += 1
+            if ch.isalpha():
+                letters += 1
+                if 0xC0 <= ord(ch) <= 0xFF:
+                    latin1 += 1
+                continue
+            if not in_word:
+                continue
+            category = unicodedata.category(ch)
+            if category == "Cc":
+                control += 1
+            elif ch == "\ufffd" or category in ("Co", "Cn", "Cs"):
+                undecodable += 1
     words = mixed = 0
     for word in _WORD.findall(text):
         words += 1
@@ -303,7 +312,7 @@ def plan_broken_pages(checks: Sequence[PageTextCheck], policy: str, budget: int,
         if languages and "eng" not in languages.split("+") and has_data("eng"):
             languages += "+eng"
         if policy != "ocr":
-            why = "--broken-text-layer reject"
+            why = "not OCR'd under --broken-text-layer reject (use --broken-text-layer ocr)"
         elif not languages:
             why = "script unknown: pass --ocr --ocr-languages with the language these pages show"
         elif not has_data(languages):

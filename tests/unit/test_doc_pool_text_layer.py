@@ -75,13 +75,16 @@ def test_detector_passes_real_text_in_many_languages():
 def test_detector_flags_control_and_undecodable_characters():
     assert T.check_page_text("RazÈanai \x96àà RudaiuE \x88ugucauE \x87d \x8fiz\x84iä \x96u " * 3).reasons == [
         "control_chars"]
-    assert T.check_page_text("Text \ufffd\ufffd with \ue000\ue001 glyphs \ufffd\ufffd missing \ufffd").reasons == [
+    assert T.check_page_text("Te\ufffdt wi\ufffdh gl\ue000phs mi\ufffd\ufffding from \ufffdhe font").reasons == [
         "undecodable"]
+    # a picture drawn with TeX's line fonts (lshort-ukr page 99): glyph runs between words, no text
+    picture = "\\put(0,0){\\line(1,2){.5}} Відрізки малюють так\n" + "\ufffd\n" * 40 + "\x10\x11\x13 \ufffd\ufffd\n"
+    assert T.check_page_text(picture).verdict == "ok"
 
 
 def test_plan_ocr_language_comes_from_the_repair_and_names_missing_data():
     checks = [T.check_page_text(RUSSIAN.encode("cp1251").decode("latin-1")), T.check_page_text(RUSSIAN),
-              T.check_page_text("\x96\x88\x87\x8f plain words here " * 4)]
+              T.check_page_text("Mu\x86gu\x8f bic\x96 \x8fiz\x84iä \x96u " * 4)]
     everything = T.plan_broken_pages(checks, "ocr", 50, None, lambda langs: True)
     assert (everything.broken, everything.ocr, everything.unrepaired) == ([1, 3], {1: "rus+eng"}, [3])
     assert "script unknown" in everything.advice[0]
