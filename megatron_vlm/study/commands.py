@@ -149,10 +149,9 @@ def run_key(cfg: StudyConfig, variant: Variant) -> str:
 
 def final_checkpoint(cfg: StudyConfig, variant: Variant, run_dir: str) -> str:
     """Where the run's last checkpoint lands (iter_<total steps>): its existence marks the run done."""
-    from megatron_vlm.training.checkpoint import iteration_dir
-
     train = _recipe_config(cfg, variant)
-    return iteration_dir(train.checkpoint.dir or os.path.join(run_dir, "checkpoints"), train.total_steps())
+    # training/checkpoint.py's iteration_dir (not imported: it loads torch and megatron for a file name)
+    return os.path.join(train.checkpoint.dir or os.path.join(run_dir, "checkpoints"), f"iter_{train.total_steps():07d}")
 
 
 def train_command(cfg: StudyConfig, variant: Variant, data_prefix: str, run_dir: str) -> tuple[list[str], dict]:

@@ -217,25 +217,20 @@ class StudyRunner:
         builds: dict[str, Variant] = {}
         for v in ab.variants:
             builds.setdefault(C.data_key(cfg, v.data), v)
-        data_of = {}
-        for key, v in builds.items():
-            try:
-                data_of[key] = self.build_data(v)
-            except StudyCheckError as err:
-                raise StudyError(str(err)) from None
-            summary["data"][key] = data_of[key]
+        jobs = max(1, cfg.jobs if not cfg.dry_run else 1)
+        try:
+            built = self._map(self.build_data, list(builds.values()), jobs)
+        except StudyCheckError as err:
+            raise StudyError(str(err)) from None
+        data_of = dict(zip(builds, built))
+        summary["data"] = data_of
         self._write_summary(summary)
 
         def one(v: Variant) -> dict:
             return self.run_variant(v, data_of[C.data_key(cfg, v.data)])
 
-        jobs = max(1, cfg.jobs if cfg.launcher != "slurm" and not cfg.dry_run else 1)
         try:
-            if jobs > 1:
-                with ThreadPoolExecutor(jobs) as pool:
-                    results = list(pool.map(one, ab.variants))
-            else:
-                results = [one(v) for v in ab.variants]
+            results = self._map(one, list(ab.variants), jobs if cfg.launcher != "slurm" else 1)
         except StudyCheckError as err:
             raise StudyError(str(err)) from None
         for r in results:
@@ -260,6 +255,14 @@ class StudyRunner:
             self.log(f"[study] done: {summary['comparison']}/comparison.md; summary "
                      f"{os.path.join(self.study_dir, 'summary.md')}")
         return summary
+
+    @staticmethod
+    def _map(fn, items: list, jobs: int) -> list:
+        """``fn`` over ``items``, ``jobs`` at a time, in order; the first failure propagates."""
+        if jobs <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(min(jobs, len(items))) as pool:
+            return list(pool.map(fn, items))
 
     def compare(self, results: list[dict], summary: dict) -> str:
         out = os.path.join(self.study_dir, "comparison")

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Callable
 
@@ -49,6 +50,7 @@ def _once(marker: str, build: Callable[[], None]) -> None:
     if os.path.isfile(marker):
         return
     build()
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
     atomic_write_bytes(marker, b"done\n")
 
 
@@ -94,41 +96,43 @@ def prepare(cfg: StudyConfig, log: Callable[[str], None] = print) -> StudyConfig
     ablation = ABLATIONS[cfg.ablation].select(cfg.variants)
     tasks = sorted(set(ablation.tasks) | ({"extract-single"} if ablation.needs_short_data else set()))
 
-    def pdfs():
-        _run([py, "-m", "megatron_vlm.pool.synthetic_pdfs", f"{root}/pdfs/train", "--corpus", str(TRAIN_DOCS),
-              "--seed", "1"], log, "PDFs (train)")
-        _run([py, "-m", "megatron_vlm.pool.synthetic_pdfs", f"{root}/pdfs/eval", "--corpus", str(EVAL_DOCS),
-              "--seed", "2"], log, "PDFs (held out)")
+    def pdfs(kind: str, count: int, seed: int):
+        _run([py, "-m", "megatron_vlm.pool.synthetic_pdfs", f"{root}/pdfs/{kind}", "--corpus", str(count),
+              "--seed", str(seed)], log, f"PDFs ({kind})")
 
-    def pools():
-        for name, src in (("pool_eval", "eval"), ("pool", "train")):
-            _run([py, "tools/build_doc_pool.py", "--input", f"{root}/pdfs/{src}", "--output", f"{root}/{name}",
-                  "--dpi", "24", "--min-pages", "8", "--workers", "2"], log, f"document pool {name}")
+    def pool(name: str, src: str):
+        _run([py, "tools/build_doc_pool.py", "--input", f"{root}/pdfs/{src}", "--output", f"{root}/{name}",
+              "--dpi", "24", "--min-pages", "8", "--workers", "1"], log, f"document pool {name}")
 
-    def heldout():
-        _run([py, "tools/synthesize_vqa.py", "--pool", f"{root}/pool_eval", "--task", "extract-single", "--output",
-              f"{root}/eval/heldout.jsonl", "--num-samples", "4", "--teacher", "offline", "--min-pages", "8",
-              "--max-pages", "60", "--seed", "7", "--no-progress"], log, "held-out questions")
+    def synthesize(pool_dir: str, task: str, out: str, samples: int, seed: int):
+        _run([py, "tools/synthesize_vqa.py", "--pool", pool_dir, "--task", task, "--output", out, "--num-samples",
+              str(samples), "--teacher", "offline", "--min-pages", "8", "--max-pages", "60", "--seed", str(seed),
+              "--no-progress"], log, f"synthesis {task} ({os.path.basename(out)})")
 
-    if cfg.dry_run:  # print the plan only: nothing is built
-        tasks = []
-    else:
-        _once(f"{root}/pdfs.done", pdfs)
-        _once(f"{root}/pools.done", pools)
-        _once(f"{root}/heldout.done", heldout)
-    for task in tasks:
-        _once(f"{root}/vqa/{task}.done", lambda task=task: _run(
-            [py, "tools/synthesize_vqa.py", "--pool", f"{root}/pool", "--task", task, "--output",
-             f"{root}/vqa/{task}.jsonl", "--num-samples", str(SAMPLES_PER_TASK.get(task, DEFAULT_SAMPLES)),
-             "--teacher", "offline", "--min-pages", "8", "--max-pages", "60", "--seed", "0", "--no-progress"],
-            log, f"synthesis {task}"))
-    short = None
-    if ablation.needs_short_data:
-        short = f"{root}/short/llava.jsonl"
-    if short and not cfg.dry_run:
+    short = f"{root}/short/llava.jsonl" if ablation.needs_short_data else None
+
+    def short_data():
         os.makedirs(os.path.dirname(short), exist_ok=True)
-        _once(f"{root}/short.done", lambda: log(f"[smoke] short data: {make_short_data(f'{root}/pool', short)} "
-                                                 "one-page records"))
+        log(f"[smoke] short data: {make_short_data(f'{root}/pool', short)} one-page records")
+
+    # three stages, each two processes at a time (independent builds; two cores)
+    stages = [
+        [(f"{root}/pdfs_train.done", lambda: pdfs("train", TRAIN_DOCS, 1)),
+         (f"{root}/pdfs_eval.done", lambda: pdfs("eval", EVAL_DOCS, 2))],
+        [(f"{root}/pool.done", lambda: pool("pool", "train")),
+         (f"{root}/pool_eval.done", lambda: pool("pool_eval", "eval"))],
+        [(f"{root}/heldout.done", lambda: synthesize(f"{root}/pool_eval", "extract-single",
+                                                     f"{root}/eval/heldout.jsonl", 4, 7))]
+        + [(f"{root}/vqa/{task}.done", lambda task=task: synthesize(
+            f"{root}/pool", task, f"{root}/vqa/{task}.jsonl", SAMPLES_PER_TASK.get(task, DEFAULT_SAMPLES), 0))
+           for task in tasks]
+        + ([(f"{root}/short.done", short_data)] if short else []),
+    ]
+    if not cfg.dry_run:  # --dry-run prints the plan only: nothing is built
+        for stage in stages:
+            with ThreadPoolExecutor(2) as pool_:
+                for future in [pool_.submit(_once, marker, build) for marker, build in stage]:
+                    future.result()
     return replace(
         cfg, pool=f"{root}/vqa", long_pool=None, short_data=short, short_image_root=f"{root}/pool" if short else None,
         base_checkpoint=None, launcher="local", recipe="tiny_cpu", token_budget="24K", max_seq_len=ROW,
