@@ -572,3 +572,142 @@ def test_too_long_documents_cost_no_teacher_call(facts, counter, tmp_path):
     assert report["documents"]["filtered_by_length"] == {"too_long": 2}
     assert not [d for d in report["dropped"] if d["reason"] == "too_long"]
     assert teacher.usage.requests == report["counts"]["accepted"] + len(report["dropped"])
+
+
+# ------------------------------------------------- real-document failure modes (review of issue 14)
+
+
+def _hand_pool(tmp_path, pages: int = 10):
+    """A PDF and a pool entry whose blocks carry the layout mistakes seen on real documents: the
+    running head and the page number labelled as text (in the margin band), a caption and a value
+    line cut at a line end, while the PDF renders them whole."""
+    from megatron_vlm.common.storage import atomic_write_json_gz
+    from megatron_vlm.pool.pdf import import_pymupdf
+    from megatron_vlm.pool.records import DocRecord, PageRecord
+
+    pymupdf = import_pymupdf()
+    doc = pymupdf.open()
+    page_blocks, toc = [], []
+    for n in range(1, pages + 1):
+        page = doc.new_page(width=612, height=792)
+        lines = [(30, "Field Guide: Chapter 3"), (110, f"{n} Survey Area {chr(64 + n)}"),
+                 (150, "Table 2: Monthly rates for the northern region"), (190, "Owner: Ann Lee"),
+                 (230, "Status: closed"), (770, f"{n + 40}")]
+        for y, text in lines:
+            page.insert_text((72, y), text, fontsize=10)
+        toc.append([1, f"{n} Survey Area {chr(64 + n)}", n])
+
+        def block(label, y, text):
+            return {"label": label, "bbox": [144, 2 * y - 20, 900, 2 * y + 4], "text": text}
+
+        page_blocks.append({"page": n, "source": "text", "blocks": [
+            block("paragraph", 30, "Field Guide: Chapter 3"),  # running head, labelled as text
+            block("section", 110, f"{n} Survey Area {chr(64 + n)}"),
+            block("caption", 150, "Table 2: Monthly rates for the"),  # cut: the PDF prints the whole line
+            block("paragraph", 190, "Owner: Ann"),  # cut at the line end
+            block("paragraph", 230, "Status: closed"),
+            block("paragraph", 770, f"{n + 40}"),  # the printed page number, labelled as text
+        ]})
+    doc.set_toc(toc)
+    pdf = str(tmp_path / "guide.pdf")
+    doc.save(pdf)
+    pool = str(tmp_path / "pool")
+    atomic_write_json_gz(os.path.join(pool, "blocks", "ab", "abcd.json.gz"), {"pages": page_blocks})
+    sections = [Section(f"{n} Survey Area {chr(64 + n)}", 1, n, n, "toc") for n in range(1, pages + 1)]
+    record = DocRecord(
+        doc_id="abcd", source=pdf, sha256="0" * 64, file_bytes=1, num_pages=pages, language="en", title="Guide",
+        total_tokens=pages * 100, image_format="jpeg", dpi=144.0, section_source="toc", sections=sections,
+        blocks="blocks/ab/abcd.json.gz",
+        pages=[PageRecord(n, f"images/{n}.jpg", 1224, 1584, 1204, 1568, 100, 144.0, "text", 6, 100)
+               for n in range(1, pages + 1)])
+    return pool, record
+
+
+def test_no_running_head_page_number_or_cut_line_is_an_answer(tmp_path):
+    pool, record = _hand_pool(tmp_path)
+    teacher = OfflineTeacher()
+    rng = random.Random(1)
+    answers = []
+    for task in VQA:
+        for job in range(40):
+            first = rng.randint(1, 8)
+            request = TeacherRequest(job=job, task=task, pool_dir=pool, record=record, first_page=first,
+                                     last_page=first + 2, section_titles=[], seed=rng.getrandbits(63))
+            result = teacher.generate_sync(request)
+            if result.pair is not None:
+                answers.append((result.pair.question, result.pair.answer, result.pair.derivation["kind"]))
+    assert answers
+    for question, answer, kind in answers:
+        for text in (answer if isinstance(answer, list) else [answer]):
+            text = str(text)
+            assert "Field Guide" not in text and "Chapter 3" not in text, (question, answer)
+            if kind not in ("locate_section", "locate_table", "page_gap", "subsection_count", "row_count"):
+                assert not re.fullmatch(r"\d+", text), (question, answer)  # no printed page number
+            assert text not in ("Ann", "Table 2: Monthly rates for the"), (question, answer)  # no cut line
+    # what is left is whole: the value line "Status: closed", the section headings
+    assert ("closed" in [a for _, a, _ in answers]) and any(k == "locate_section" for _, _, k in answers)
+
+
+def test_question_kind_mix_is_reported(facts, counter, tmp_path):
+    import asyncio
+
+    pool, _, _ = facts
+    out = str(tmp_path / "k.jsonl")
+    cfg = SynthesisConfig(pool=pool, task="extract-single", output=out, num_samples=12, seed=4, min_pages=1,
+                          progress=False)
+    report = asyncio.run(Synthesizer(cfg, OfflineTeacher(), counter).run())
+    kinds = Counter(s.meta["derivation"]["kind"] for s in _records(out))
+    assert report["question_kinds"] == dict(kinds) and sum(kinds.values()) == 12
+    assert len(kinds) >= 4 and max(kinds.values()) <= 6, kinds  # a mix, no kind taking over
+    assert "next_word" not in kinds  # "which word comes after ..." is no longer asked
+    (line,) = [x for x in load_cli().summary(report).splitlines() if x.startswith("question kinds: ")]
+    assert all(f"{k} {n} ({100 * n / 12:.0f}%)" in line for k, n in kinds.items()), line
+
+
+def test_section_anchored_questions_name_no_page(facts):
+    """Questions found by section or caption: no page named, the anchor passes the pair checks."""
+    pool, truths, _ = facts
+    teacher = OfflineTeacher()
+    rng = random.Random(3)
+    unanchored = Counter()
+    for doc_id, truth in truths.items():
+        record = next(r for r in read_manifest(pool) if r.doc_id == doc_id)
+        for task in VQA:
+            for request in _requests(pool, record, task, 30, rng):
+                pair = teacher.generate_sync(request).pair
+                if pair is None or page_references(pair.question):
+                    continue
+                verify(pair, truth)
+                assert check_pair(pair, task, request.first_page, request.last_page, record.num_pages,
+                                  record.sections) is None, pair.question
+                unanchored[pair.derivation["kind"]] += 1
+    assert {"locate_section", "table_cell", "column_total"} <= set(unanchored), unanchored
+
+
+def test_table_aggregation_on_a_synthetic_report(tmp_path):
+    """write_report_pdf's revenue table: the column total over every region, read back from the PDF."""
+    from decimal import Decimal
+
+    from megatron_vlm.pool.pdf import import_pymupdf
+
+    pdf = S.write_report_pdf(str(tmp_path / "report.pdf"), S.ReportSpec(
+        seed=11, sections=[S.SectionSpec("Results", 2, table=True), S.SectionSpec("Discussion", 1)]))
+    pool = build_pool([pdf], str(tmp_path / "pool"))
+    (record,) = list(read_manifest(pool))
+    lines = [line.strip() for line in import_pymupdf().open(pdf)[1].get_text().splitlines()]
+    header = lines[lines.index("Region"):lines.index("Region") + 5]
+    table = {lines[i]: lines[i + 1:i + 5] for i, line in enumerate(lines) if re.fullmatch(r"Region [A-Z]", line)}
+    assert len(table) == 5 and header == ["Region", "Q1", "Q2", "Q3", "Q4"]
+    teacher = OfflineTeacher()
+    totals = []
+    for seed in range(60):
+        pair = teacher.generate_sync(TeacherRequest(job=seed, task="reasoning", pool_dir=pool, record=record,
+                                                    first_page=1, last_page=record.num_pages, section_titles=[],
+                                                    seed=seed)).pair
+        if pair is not None and pair.derivation["kind"] == "column_total":
+            column = next(c for c in header[1:] if f"\u201c{c}\u201d" in pair.question)
+            expected = sum(Decimal(values[header.index(column) - 1]) for values in table.values())
+            assert Decimal(str(pair.answer)) == expected, (pair.question, pair.answer, expected)
+            assert "Table 1: Quarterly revenue by region (million USD)" in pair.question and "Page" not in pair.question
+            totals.append(pair)
+    assert totals
