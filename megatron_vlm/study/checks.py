@@ -9,7 +9,7 @@ held (``available``). Checked against a :class:`~megatron_vlm.study.ablations.Va
   overshoot by one sample: that task's longest sample over the mixture's tokens); no other task;
 * length distribution: the stats record the distribution asked; long-biased: each task's share of
   samples >= the threshold at least the asked fraction minus ``long_tol`` (the mixer's own warning
-  margin); pool-native: that share equals the pool's own within three binomial standard errors
+  margin) minus three binomial standard errors (small smoke mixtures); pool-native: that share equals the pool's own within three binomial standard errors
   plus ``abs_tol`` (no reweighting happened);
 * mRoPE base: the run's saved config.json (``model.rope_theta``) and its final checkpoint's model
   config (``rope_theta``) both equal the claim.
@@ -97,7 +97,7 @@ def check_data(variant: Variant, stats: dict, where: str, tol: Tolerances = Tole
         measured = row["long_share"]
         if variant.data.distribution == "long-biased":
             asked = float(summary["long_fraction"])
-            floor = asked - tol.long_tol
+            floor = asked - tol.long_tol - 3 * math.sqrt(asked * (1 - asked) / row["samples"])
             checks[f"{task} >= {threshold} tokens"] = {"claimed": f">= {floor:.3f}", "measured": measured}
             if measured < floor:
                 errors.append(f"task {task!r}: {100 * measured:.1f}% of the samples have >= {threshold} tokens, "
