@@ -746,7 +746,7 @@ def table_entries(ctx: _Ctx) -> Optional[QAPair]:
     return QAPair(question, list(table.rows), "List", [table.page], ["Table"],
                   f"Page {table.page}: " + ", ".join(table.rows),
                   {"op": "entries", "section": table.section, "caption": table.caption, "page": table.page,
-                   "items": list(table.rows)})
+                   "rows": list(table.rows)})
 
 
 def _segment_span_for(ctx: _Ctx, page: int, block: dict) -> str:
@@ -968,7 +968,7 @@ def table_row_count(ctx: _Ctx, table: Table) -> Optional[QAPair]:
     return QAPair(question, len(table.rows), "Integer", [table.page], ["Table"],
                   f"Page {table.page}: rows " + ", ".join(table.rows),
                   {"op": "row_count", "section": table.section, "caption": table.caption, "page": table.page,
-                   "items": list(table.rows)})
+                   "rows": list(table.rows)})
 
 
 def cross_page_arithmetic(ctx: _Ctx) -> Optional[QAPair]:
@@ -1026,7 +1026,7 @@ def tables_row_difference(ctx: _Ctx) -> Optional[QAPair]:
     return QAPair(question, len(longer.rows) - len(shorter.rows), "Integer", sorted({a.page, b.page}), ["Table"],
                   f"Page {longer.page}: {len(longer.rows)} rows; Page {shorter.page}: {len(shorter.rows)} rows.",
                   {"op": "row_difference", "tables": [
-                      {"page": t.page, "caption": t.caption, "section": t.section, "items": list(t.rows)}
+                      {"page": t.page, "caption": t.caption, "section": t.section, "rows": list(t.rows)}
                       for t in (longer, shorter)]})
 
 
