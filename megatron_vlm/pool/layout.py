@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
-from megatron_vlm.pool.pdf import PageContent, TextBlock, TocEntry
+from megatron_vlm.pool.pdf import PageContent, TableRegion, TextBlock, TocEntry
 
 LAYOUT_METHODS = ("heuristic", "model")
 LABELS = ("title", "section", "paragraph", "list", "table", "caption", "header", "footer", "figure")
@@ -77,6 +77,9 @@ _CAPTION_WORDS = (
 )
 _CAPTION_NUMBER = r"(?:[0-9]+(?:[.\-][0-9]+)*|[ivxlc]+\b|[a-z]\b|[一二三四五六七八九十]+)"
 _CAPTION_HEAD = re.compile(rf"^\s*(?:{_CAPTION_WORDS})\s*\.?\s*{_CAPTION_NUMBER}(?![0-9])", re.IGNORECASE)
+# the caption words that name a table (a table's caption anchors a table drawn with rules only)
+_TABLE_CAPTION = re.compile(r"^\s*(?:table|tab|tbl|tabelle|tableau|tabla|cuadro|tabella|tabela|tabel|таблица|табл|"
+                            r"таблиця|табела|tabulka|表|표)(?![^\W\d_])", re.IGNORECASE)
 _CAPTION_SEPARATORS = ":.-–—|：．"
 
 
@@ -220,6 +223,82 @@ def _merge_split_labels(page: PageContent) -> PageContent:
     return replace(page, blocks=merged)
 
 
+def _same_extent(a: tuple[float, float, float], b: tuple[float, float, float], slack: float = 1.0) -> bool:
+    return abs(a[0] - b[0]) <= slack and abs(a[2] - b[2]) <= slack
+
+
+def rule_tables(page: PageContent, skip: set[int]) -> list[tuple[tuple[float, float, float, float], list[int]]]:
+    """Tables drawn with horizontal rules only (booktabs' top and bottom rule; LaTeX description
+    lists in a table float): a table caption ("Table 1.1: ...", "Табл. 1.1: ...") within three
+    lines of a rule anchors the region between that rule and the next one of the same extent, on
+    the caption's far side; its text blocks are the table. A region must hold >= 2 blocks, no
+    heading or caption, and not start with a one-word line (an admonition box: "Note", "Tip"); the
+    nearer side wins. Returns (region, block indices); ``skip``: blocks that cannot belong."""
+    rules = [r for r in page.rules if 0.06 * page.height < r[1] < 0.94 * page.height]  # not a running head's rule
+    if len(rules) < 2:
+        return []
+    found: list[tuple[tuple[float, float, float, float], list[int]]] = []
+    used: set[int] = set()
+    captions = [i for i, block in enumerate(page.blocks)
+                if i not in skip and _TABLE_CAPTION.match(block.lines[0]) and caption_start(block.lines[0]) is not None]
+    for ci in captions:
+        cap = page.blocks[ci]
+        line = max((cap.bbox[3] - cap.bbox[1]) / max(len(cap.lines), 1), 4.0)
+        best: Optional[tuple[float, tuple[float, float, float, float], list[int]]] = None
+        for downward in (True, False):
+            near = [r for r in rules if (cap.bbox[3] - 1 <= r[1] <= cap.bbox[3] + 3 * line if downward
+                                         else cap.bbox[1] - 3 * line <= r[1] <= cap.bbox[1] + 1)]
+            if not near:
+                continue
+            start = min(near, key=lambda r: r[1]) if downward else max(near, key=lambda r: r[1])
+            partners = [r for r in rules if _same_extent(r, start)
+                        and (r[1] > start[1] + line if downward else r[1] < start[1] - line)]
+            if not partners:
+                continue
+            end = min(partners, key=lambda r: r[1]) if downward else max(partners, key=lambda r: r[1])
+            region = (min(start[0], end[0]) - 2, min(start[1], end[1]), max(start[2], end[2]) + 2, max(start[1], end[1]))
+            members = [i for i, block in enumerate(page.blocks)
+                       if i not in skip and i != ci and i not in used and _center_inside(block.bbox, region, slack=0.0)]
+            if not _table_like(page, members) or any(_overlap(region, t.bbox) for t in page.tables):
+                continue
+            gap = start[1] - cap.bbox[3] if downward else cap.bbox[1] - start[1]
+            if best is None or gap < best[0]:
+                best = (gap, region, members)
+        if best is not None:
+            used.update(best[2])
+            found.append((best[1], best[2]))
+    return found
+
+
+def _table_like(page: PageContent, members: list[int]) -> bool:
+    if len(members) < 2:
+        return False
+    blocks = [page.blocks[i] for i in members]
+    if len(blocks[0].lines[0].split()) < 2:
+        return False  # "Note" / "Tip" over the text of an admonition box
+    body = min(block.size for block in blocks)
+    return not any(caption_start(block.lines[0]) is not None or block.size > body * 1.15 for block in blocks)
+
+
+def _overlap(a, b) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def _rows_from_blocks(blocks: Sequence[TextBlock]) -> list[list[str]]:
+    """Rows of a rule-only table: a block whose first line starts at the block's left edge begins a
+    row (first word | the rest); other blocks (hanging continuation lines) extend the last row."""
+    rows: list[list[str]] = []
+    left = min(block.bbox[0] for block in blocks)
+    for block in blocks:
+        text = " ".join(block.lines)
+        if rows and block.bbox[0] > left + 6:
+            rows[-1][-1] = (rows[-1][-1] + " " + text).strip()
+            continue
+        head, _, rest = text.partition(" ")
+        rows.append([head, rest])
+    return rows
+
+
 def _center_inside(bbox, region, slack: float = 2.0) -> bool:
     cx, cy = (bbox[0] + bbox[2]) / 2, (bbox[1] + bbox[3]) / 2
     return region[0] - slack <= cx <= region[2] + slack and region[1] - slack <= cy <= region[3] + slack
@@ -337,7 +416,20 @@ def label_document(
         used_toc: set[int] = set()
         labelled: list[Block] = []
         placed: set[int] = set()  # tables already in `labelled` (at their first cell's block)
+        page_running = {b for b in range(len(page.blocks)) if (p, b) in running}
+        ruled_only = rule_tables(page, page_running)
+        member_of = {b: t for t, (_, members) in enumerate(ruled_only) for b in members}
         for b, block in enumerate(page.blocks):
+            if b in member_of:
+                t = member_of[b]
+                if -1 - t not in placed:
+                    placed.add(-1 - t)
+                    region, members = ruled_only[t]
+                    rows = _rows_from_blocks([page.blocks[i] for i in members])
+                    bbox = (min(page.blocks[i].bbox[0] for i in members), min(page.blocks[i].bbox[1] for i in members),
+                            max(page.blocks[i].bbox[2] for i in members), max(page.blocks[i].bbox[3] for i in members))
+                    labelled.append(_table_block(TableRegion(bbox=bbox, rows=rows), cfg))
+                continue
             table_index = next((t for t, table in enumerate(page.tables) if _center_inside(block.bbox, table.bbox)),
                                None)
             if table_index is not None and (p, b) not in running:
@@ -444,4 +536,4 @@ def _insert_by_y(blocks: list[Block], new: Block) -> None:
     blocks.insert(index, new)
 
 
-__all__ = ["LABELS", "LAYOUT_METHODS", "caption_start", "Block", "FontStats", "LayoutConfig", "font_stats", "label_document", "running_blocks"]
+__all__ = ["LABELS", "LAYOUT_METHODS", "caption_start", "rule_tables", "Block", "FontStats", "LayoutConfig", "font_stats", "label_document", "running_blocks"]

@@ -129,6 +129,9 @@ class PageContent:
     blocks: list[TextBlock] = field(default_factory=list)
     tables: list[TableRegion] = field(default_factory=list)
     images: list[tuple[float, float, float, float]] = field(default_factory=list)
+    # thin horizontal rules (x0, y, x1): booktabs-style tables (top/mid/bottom rules, no grid) are
+    # found from them and a caption in layout
+    rules: list[tuple[float, float, float]] = field(default_factory=list)
     source: str = "none"  # "text" | "ocr" | "none"
     num_chars: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -444,6 +447,31 @@ def image_boxes(page, limits: PdfLimits) -> list[tuple[float, float, float, floa
 # ----------------------------------------------------------------------------------------- tables
 
 
+def horizontal_rules(page, cap: int, min_width: float = 30.0) -> list[tuple[float, float, float]]:
+    """Thin horizontal rules on the page as (x0, y, x1), at least ``min_width`` long: drawn lines and
+    filled bars under 1.5 pt high (not the edges of boxes). At most ``cap`` path items are read."""
+    try:
+        paths = page.get_cdrawings()
+    except Exception:
+        return []
+    rules: list[tuple[float, float, float]] = []
+    total = 0
+    for path in paths:
+        for item in path.get("items", ()):
+            total += 1
+            if total > cap:
+                return rules
+            if item[0] == "l":
+                (x0, y0), (x1, y1) = item[1], item[2]
+                if abs(y1 - y0) < 1.0 and abs(x1 - x0) >= min_width:
+                    rules.append((round(min(x0, x1), 1), round((y0 + y1) / 2, 1), round(max(x0, x1), 1)))
+            elif item[0] == "re":
+                x0, y0, x1, y1 = item[1]
+                if abs(y1 - y0) < 1.5 and abs(x1 - x0) >= min_width:
+                    rules.append((round(min(x0, x1), 1), round((y0 + y1) / 2, 1), round(max(x0, x1), 1)))
+    return rules
+
+
 def ruling_positions(page, cap: int) -> tuple[int, int, int]:
     """(distinct y of horizontal rules, distinct x of vertical rules, path items) on the page,
     from the cheap ``get_cdrawings``; positions are rounded to 2 pt, counting stops past ``cap``.
@@ -607,6 +635,7 @@ def read_page(page, limits: PdfLimits, ocr: Optional[OcrSettings] = None, ocr_bu
     content.num_chars = sum(b.num_chars for b in blocks)
     content.images = image_boxes(page, limits)
     if tables and content.source == "text":
+        content.rules = horizontal_rules(page, limits.table_max_paths)
         content.tables, skipped = find_tables(page, limits, content.num_chars)
         if skipped:
             content.warnings.append(skipped)
@@ -634,6 +663,7 @@ __all__ = [
     "ruling_positions",
     "encode_image",
     "find_tables",
+    "horizontal_rules",
     "import_pymupdf",
     "load_page",
     "metadata_title",

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
 
     splits = ("tune", "heldout", "all")
     scores = {m: {s: Score() for s in splits} for m in methods}
+    per_file = {m: {} for m in methods}
     seconds = {m: 0.0 for m in methods}
     num_pages = 0
     for name, pages in sorted(by_file.items()):
@@ -93,7 +94,10 @@ def main(argv=None) -> int:
                         result, took = run_heuristic(doc, numbers, method)
                     best = took if best is None else min(best, took)
                 seconds[method] += best
+                per_file[method][name] = Score()
                 for page in pages:
+                    per_file[method][name].add_page(result[page["page"]],
+                                                    [(r["label"], r["bbox"]) for r in page["regions"]], args.iou)
                     truth = [(r["label"], r["bbox"]) for r in page["regions"]]
                     for split in (page["split"], "all"):
                         scores[method][split].add_page(result[page["page"]], truth, args.iou)
@@ -120,6 +124,12 @@ def main(argv=None) -> int:
                 cells.append(f"{c.precision:6.2f} {c.recall:6.2f} {c.f1:6.2f}".rjust(22))
             print(f"{label:<10}" + "".join(cells) + f"{scores[methods[0]][split].labels[label].truth:>7}")
         print(f"{'macro F1':<10}" + "".join(f"{scores[m][split].macro_f1():22.3f}" for m in methods))
+    print("\n== macro F1 per document (split)")
+    for name, pages in sorted(by_file.items()):
+        cells = "".join(f"{per_file[m][name].macro_f1():10.3f}" for m in methods)
+        print(f"{name:<28} {pages[0]['split']:<8}{cells}")
+    for method in methods:
+        report["methods"][method]["per_file_macro_f1"] = {n: round(sc.macro_f1(), 4) for n, sc in per_file[method].items()}
     print(f"\n== speed over {num_pages} pages (best of {args.repeat})")
     for method in methods:
         r = report["methods"][method]
