@@ -127,6 +127,8 @@ class PoolConfig:
     def output_settings(self) -> dict:
         values = {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
         values["limits"] = asdict(self.limits)
+        if self.layout != "heuristic":  # recorded only when not the default, so older pools still resume
+            values["layout"] = self.layout
         return {"schema": SCHEMA, **values}
 
 

@@ -199,3 +199,13 @@ def test_admonition_box_under_a_caption_is_not_a_table():
     page.rules = [(65.5, 178.8, 564.4), (65.5, 212.3, 564.4), (65.5, 230.6, 564.4), (65.5, 266.1, 564.4)]
     assert rule_tables(page, set()) == []
     assert "table" not in [b.label for b in label_document([page])[0]]
+
+
+def test_pool_refuses_to_mix_layout_methods(tmp_path):
+    from megatron_vlm.pool.build import PoolConfig, check_pool_config
+
+    check_pool_config(PoolConfig(output=str(tmp_path), layout="model").validate())
+    with pytest.raises(ValueError, match="layout"):
+        check_pool_config(PoolConfig(output=str(tmp_path)).validate())
+    with pytest.raises(ValueError, match="layout must be one of"):
+        PoolConfig(output=str(tmp_path), layout="hybrid").validate()
