@@ -246,9 +246,11 @@ def _reject_if_unreadable(unrepaired: list[int], plan: text_quality.BrokenPagePl
 
 
 def _text_layer_summary(checks: list, plan: text_quality.BrokenPagePlan, ocr_pages: list[int], dropped: list[int],
-                        language_confidence: float) -> dict:
+                        language_confidence: float, agreement: dict) -> dict:
     """The record's ``text_layer``: status ok | ocr (every broken page OCR'd) | dropped (some keep
-    no blocks), the broken pages and why, and the document's language-ID confidence."""
+    no blocks), the broken pages and why, how far the OCR of the rendered page agrees with the
+    text layer and with its repair (``similarity`` of non-ASCII letter bigrams, first 10 OCR'd
+    pages), and the document's language-ID confidence."""
     out: dict[str, Any] = {"status": "dropped" if dropped else ("ocr" if plan.broken else "ok"),
                            "language_confidence": language_confidence}
     if plan.broken:
@@ -258,6 +260,7 @@ def _text_layer_summary(checks: list, plan: text_quality.BrokenPagePlan, ocr_pag
         out["reasons"] = dict(sorted(Counter(r for n in plan.broken for r in checks[n - 1].reasons).items()))
         out["ocr_languages"] = sorted(set(plan.ocr.values()))
         out["examples"] = [dict(checks[n - 1].to_dict(), page=n) for n in plan.broken[:3]]
+        out["ocr_agreement"] = {str(n): agreement[n] for n in sorted(agreement)[:10]}
     return out
 
 
@@ -306,7 +309,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
         remove_stale_temporaries(cfg.output, doc_id)
         ocr, ocr_budget = _ocr_settings(cfg), [cfg.ocr_max_pages - len(plan.ocr)]
         pages, contents, damaged, warnings = [], [], [], []
-        ocr_pages, dropped = [], list(plan.unrepaired)
+        ocr_pages, dropped, agreement = [], list(plan.unrepaired), {}
         pymupdf.TOOLS.reset_mupdf_warnings()
         for index in range(num_pages):
             broken_ocr = None
@@ -316,9 +319,17 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             record, content = _process_page(doc, index, doc_id, cfg, ocr, ocr_budget, timing,
                                             text_broken=checks[index].broken, broken_ocr=broken_ocr)
             if broken_ocr is not None:  # OCR output is checked like a text layer
-                if content.source == "ocr" and not text_quality.check_page_text(
-                        "\n".join(b.text for b in content.blocks)).broken:
+                ocr_text = "\n".join(b.text for b in content.blocks)
+                if content.source == "ocr" and not text_quality.check_page_text(ocr_text).broken:
                     ocr_pages.append(index + 1)
+                    check = checks[index]
+                    agreement[index + 1] = {"text_layer": text_quality.similarity(check.text, ocr_text, True)}
+                    if check.repair is not None:
+                        agreement[index + 1]["repaired"] = text_quality.similarity(check.repaired_text, ocr_text, True)
+                    if agreement[index + 1]["text_layer"] >= 0.5:
+                        warnings.append(f"page {index + 1}: text layer flagged ({check.describe()}) but the OCR of "
+                                        f"the page agrees with it ({agreement[index + 1]['text_layer']:.2f}); "
+                                        "the OCR text is used")
                 else:
                     content.blocks, content.source, content.num_chars = [], "none", 0
                     record.source, record.num_chars = "none", 0
@@ -370,7 +381,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
             section_source=sections[0].source if sections else "pages", sections=sections, blocks=blocks_file,
             pages=pages, warnings=warnings[:MAX_WARNINGS], outline_ignored=outline_ignored,
             text_minhash=text_minhash(b.text for c in contents for b in c.blocks),
-            text_layer=_text_layer_summary(checks, plan, ocr_pages, dropped, language_confidence),
+            text_layer=_text_layer_summary(checks, plan, ocr_pages, dropped, language_confidence, agreement),
         )
     finally:
         doc.close()

@@ -22,6 +22,10 @@ What is measured, on the raw text of a page (before whitespace and control clean
   only evidence: T2A and other TeX encodings differ from cp1251 in their upper half, so the pool
   OCRs the page (or rejects the document) and never stores repaired text.
 
+When a broken page is OCR'd, ``similarity`` compares the OCR of the rendered page with the text
+layer and with its repair (letter bigrams beyond ASCII): the record keeps both numbers, and a
+layer that agrees with its page's OCR is reported as a suspected false alarm.
+
 Each test names a reason; a page with any reason is ``broken``. A page with under 20 visible
 characters is ``empty``; it, and a page that passes here but is mostly punctuation
 (``pdf.text_is_usable``), keeps the scan path (OCR with ``--ocr``, otherwise no blocks): no text
@@ -91,6 +95,12 @@ class PageTextCheck:
     reasons: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     repair: Optional[Repair] = None
+    text: str = field(default="", repr=False)  # the judged text, kept for broken pages only
+
+    @property
+    def repaired_text(self) -> str:
+        """The broken text re-decoded with the repair's code page ("" without a repair)."""
+        return self.text.translate(_repair_table(self.repair.codec)) if self.repair is not None else ""
 
     @property
     def broken(self) -> bool:
@@ -271,7 +281,24 @@ def check_page_text(text: str, has_data: Optional[Callable[[str], bool]] = None)
         reasons.append("undecodable")
     if stats["words"] >= 10 and stats["mixed_words"] > MAX_MIXED_WORDS:
         reasons.append("mixed_scripts")
-    return PageTextCheck("broken" if reasons else "ok", reasons=reasons, stats=stats, repair=repair)
+    return PageTextCheck("broken" if reasons else "ok", reasons=reasons, stats=stats, repair=repair,
+                         text=text if reasons else "")
+
+
+def _bigrams(text: str, non_ascii: bool) -> Counter:
+    words = "".join(ch.lower() if ch.isalpha() else " " for ch in text).split()
+    grams = (word[i:i + 2] for word in words for i in range(len(word) - 1))
+    return Counter(g for g in grams if not non_ascii or not g.isascii())
+
+
+def similarity(a: str, b: str, non_ascii: bool = False) -> float:
+    """Dice coefficient of the letter bigrams of two texts, in [0, 1]: how far a text layer (or its
+    repair) agrees with the OCR of the rendered page. ``non_ascii``: only bigrams with a letter
+    beyond ASCII, the part a broken layer garbles (its English words agree with any OCR). A
+    mojibake layer scores ~0 there against the OCR, a good one ~0.8-1 (OCR misreads a few letters)."""
+    x, y = _bigrams(a, non_ascii), _bigrams(b, non_ascii)
+    total = sum(x.values()) + sum(y.values())
+    return round(2 * sum((x & y).values()) / total, 4) if total else 0.0
 
 
 # -------------------------------------------------------------------------------------- document
@@ -354,5 +381,6 @@ __all__ = [
     "identify_language",
     "page_ranges",
     "plan_broken_pages",
+    "similarity",
     "try_repair",
 ]

@@ -95,6 +95,15 @@ def test_plan_ocr_language_comes_from_the_repair_and_names_missing_data():
     assert T.page_ranges([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7-8"
 
 
+def test_similarity_of_a_layer_and_the_ocr_of_its_page():
+    ocr = "Многое из включенного в это ввeдение матерiала исходит из австрийского"  # two misread letters
+    assert T.similarity(RUSSIAN, RUSSIAN) == 1.0
+    assert 0.5 < T.similarity(RUSSIAN[:len(ocr)], ocr) < 1.0
+    assert T.similarity(RUSSIAN.encode("cp1251").decode("latin-1"), ocr) == 0.0
+    garbled = T.check_page_text(RUSSIAN.encode("cp1251").decode("latin-1"))
+    assert garbled.repaired_text == RUSSIAN and T.check_page_text(RUSSIAN).text == ""  # kept for broken pages
+
+
 # ----------------------------------------------------------------------------- real documents
 
 
@@ -122,7 +131,7 @@ def test_real_mojibake_without_russian_ocr_data_is_rejected_naming_the_package(t
 @pytest.mark.skipif(P.ocr_tessdata("rus") is None,
                     reason="no Tesseract Russian data (apt-get install tesseract-ocr-rus)")
 def test_real_mojibake_is_ocr_d_in_russian(tmp_path):
-    cfg = PoolConfig(output=str(tmp_path / "pool"), min_pages=1, dpi=72, ocr_dpi=100)
+    cfg = PoolConfig(output=str(tmp_path / "pool"), min_pages=1, dpi=72)  # OCR at the default 200 DPI
     record = process_document(_task(MOJIBAKE), cfg)["record"]
     assert [p["source"] for p in record["pages"]] == ["ocr", "ocr"]
     assert record["language"] == "ru"
@@ -130,6 +139,9 @@ def test_real_mojibake_is_ocr_d_in_russian(tmp_path):
     assert layer["status"] == "ocr" and layer["broken_pages"] == [1, 2] and layer["ocr_pages"] == [1, 2]
     assert layer["reasons"] == {"mojibake_cp1251": 2} and layer["ocr_languages"][0].startswith("rus")
     assert record["warnings"][0].startswith("text layer broken on pages 1-2")
+    # what the rendered page shows (its OCR) agrees with the repaired text, not with the layer
+    for page in ("1", "2"):
+        assert layer["ocr_agreement"][page]["text_layer"] < 0.1 < 0.6 < layer["ocr_agreement"][page]["repaired"]
     text = " ".join(b["text"] for page in load_blocks(cfg.output, DocRecord.from_dict(record)) for b in page["blocks"])
     # (Tesseract at 100-200 DPI misses this page's 25 pt heading "Благодарности"; the body is read)
     assert "Многое из включенного в это введение" in text and "Список иллюстраций" in text
