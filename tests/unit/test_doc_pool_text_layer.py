@@ -167,7 +167,7 @@ def test_good_russian_and_english_layers_are_accepted_unchanged(tmp_path):
 
 def test_pool_counts_broken_layers_in_stats_and_report(tmp_path):
     out = str(tmp_path / "pool")
-    cfg = PoolConfig(output=out, min_pages=1, dpi=72, workers=1, progress=False, broken_text="reject")
+    cfg = PoolConfig(output=out, min_pages=1, dpi=72, workers=0, progress=False, broken_text="reject")  # in-process
     logged: list[str] = []
     result = run_shard([MOJIBAKE, GOOD_EN], cfg, log=logged.append)
     assert (result.accepted, result.reasons) == (1, {"broken_text_layer": 1})
