@@ -661,6 +661,7 @@ def merge_pool(output: str, count: int, require_complete: bool = True) -> dict:
         "counts": {"inputs": stats["documents"] + len(rejected_list), "accepted": stats["documents"],
                    "rejected": len(rejected_list), "rejected_by_reason": stats["rejected_by_reason"]},
         "near_duplicates": stats["near_duplicates"],
+        "text_layers": stats["text_layers"],  # accepted documents: ok / ocr / dropped (text_quality)
         "rejected": rejected_list,
     }
     atomic_write_json(os.path.join(output, "report.json"), report)

@@ -177,6 +177,7 @@ def test_pool_counts_broken_layers_in_stats_and_report(tmp_path):
     with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
         report = json.load(f)
     assert [(r["source"], r["reason"]) for r in report["rejected"]] == [(MOJIBAKE, "broken_text_layer")]
+    assert report["text_layers"] == {"ok": 1}
     assert "Text layer" not in B.format_stats(stats)
 
 
