@@ -44,8 +44,8 @@ MAX_CHECK_CHARS = 50_000  # a page's text is judged on its first characters (plo
 MIN_VISIBLE = 20  # fewer visible characters than this: too little to judge (a page number, a title)
 MIN_LETTERS = 20
 MAX_LATIN1_LETTERS = 0.30  # letters in U+00C0..U+00FF, share of all letters
-MAX_CONTROL = 0.03  # control characters per visible character
-MAX_UNDECODABLE = 0.05  # U+FFFD / private use / unassigned per visible character
+MAX_CONTROL = 0.03  # control characters inside words, per visible character
+MAX_UNDECODABLE = 0.05  # U+FFFD / private use / unassigned inside words, per visible character
 MAX_MIXED_WORDS = 0.50  # words mixing Latin, Greek and Cyrillic letters, share of words (>= 10 words);
 # high because TeX fonts often map Ukrainian і to Latin i (and back): homoglyphs, readable text
 REPAIR_MIN_LATIN1 = 0.10  # below this, the repair test is not tried (an accented Latin page)
