@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exclude-hashes", action="append", default=[], metavar="FILE",
                    help="SHA-256 list of documents to exclude (evaluation sets); repeatable")
     g.add_argument("--no-tables", action="store_true", help="skip PyMuPDF table detection")
-    g.add_argument("--layout", choices=("heuristic", "model"), default="heuristic",
+    g.add_argument("--layout-method", choices=("heuristic", "model"), default="heuristic",
                    help="block labels: text-layer heuristics (default) or PyMuPDF's ONNX layout model "
                         "(~1 page/s per core; tools/bench/layout.py compares them)")
     g = p.add_argument_group("OCR (Tesseract inside PyMuPDF; pages without a usable text layer)")
@@ -102,7 +102,7 @@ def config_from_args(args: argparse.Namespace):
         output=os.path.abspath(args.output), dpi=args.dpi, min_pages=args.min_pages, max_pages=args.max_pages,
         image_format=args.image_format, image_quality=args.image_quality, ocr=args.ocr,
         ocr_languages=args.ocr_languages, ocr_max_pages=args.ocr_max_pages, ocr_dpi=args.ocr_dpi,
-        broken_text=args.broken_text_layer, tables=not args.no_tables, layout=args.layout, limits=limits, workers=args.workers,
+        broken_text=args.broken_text_layer, tables=not args.no_tables, layout=args.layout_method, limits=limits, workers=args.workers,
         doc_timeout=args.doc_timeout,
         worker_memory_gb=args.worker_memory_gb, retry_failed=args.retry_failed, progress=not args.no_progress,
     ).validate()

@@ -2,7 +2,7 @@
 image features, run with onnxruntime), mapped to the pool's block labels.
 
 It is the reference our text-layer heuristics (:mod:`megatron_vlm.pool.layout`) are measured
-against (tools/bench/layout.py) and a named alternative (``--layout model`` / ``hybrid``). It is
+against (tools/bench/layout.py) and a named alternative (``--layout-method model``). It is
 imported only on request: loading it costs ~1 s and hundreds of MB per process, and a page ~0.3 s
 on one CPU core.
 """
