@@ -46,6 +46,7 @@ MAX_CELL_CHARS = 60
 MAX_TEXT_ANSWER_CHARS = 200
 MIN_PARAGRAPH_WORDS = 6
 MARGIN_BAND = 0.07  # top/bottom share of the page height where running heads and page numbers sit
+RUNNING_BAND = 0.15  # a text repeated on >= 3 pages inside this band is a running head/footer too
 MAX_LISTED = 10  # longest list answer (subsections, table entries)
 
 _NUMBER = re.compile(r"^(?P<neg>[-\u2212])?(?P<cur>[$€£¥])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?"
@@ -192,9 +193,32 @@ def rendered_pages(source: str, pages: Sequence[int]) -> Optional[dict[int, Rend
     return out
 
 
-def body_blocks(page_record: dict, height: Optional[float]) -> list[dict]:
+def _running_key(text: str) -> str:
+    return re.sub(r"\d+", "#", " ".join(text.split()).casefold())
+
+
+def _in_band(block: dict, height: Optional[float], band: float) -> bool:
+    bbox = block.get("bbox")
+    if not height or not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        return False
+    return bbox[3] <= band * height or bbox[1] >= (1 - band) * height
+
+
+def running_texts(pages: Sequence[dict], heights: dict, min_pages: int = 3) -> frozenset:
+    """Texts (numbers masked) in the outer 15% of at least ``min_pages`` pages: running heads and
+    footers a little lower than the margin band ("Debian Reference 117 / 233" -> "debian reference # / #")."""
+    count: Counter = Counter()
+    for page in pages:
+        height = heights.get(int(page.get("page", 0)))
+        count.update({_running_key(str(b.get("text", ""))) for b in page.get("blocks") or []
+                      if b.get("label") != "table" and str(b.get("text", "")).strip()
+                      and _in_band(b, height, RUNNING_BAND)})
+    return frozenset(k for k, n in count.items() if n >= min_pages)
+
+
+def body_blocks(page_record: dict, height: Optional[float], running: frozenset = frozenset()) -> list[dict]:
     """The page's blocks without running heads, footers and page numbers (by label, by position in
-    the top/bottom margin band, and by form)."""
+    the top/bottom margin band, by repetition near the top or bottom of pages, and by form)."""
     out = []
     for block in page_record.get("blocks") or []:
         if block.get("label") in _MARGIN_LABELS:
@@ -202,10 +226,10 @@ def body_blocks(page_record: dict, height: Optional[float]) -> list[dict]:
         text = str(block.get("text", ""))
         if not text.strip() or _PAGE_LABEL.match(text):
             continue
-        bbox = block.get("bbox")
-        if height and isinstance(bbox, (list, tuple)) and len(bbox) == 4:
-            if bbox[3] <= MARGIN_BAND * height or bbox[1] >= (1 - MARGIN_BAND) * height:
-                continue
+        if _in_band(block, height, MARGIN_BAND):
+            continue
+        if running and _in_band(block, height, RUNNING_BAND) and _running_key(text) in running:
+            continue
         out.append(block)
     return out
 
@@ -336,13 +360,14 @@ def _check_table(table: Table, rendered: Optional[Rendered]) -> None:
 
 
 def page_facts(page_record: dict, toc_titles: Optional[list[str]], height: Optional[float] = None,
-               rendered: Optional[Rendered] = None) -> PageFacts:
+               rendered: Optional[Rendered] = None, running: frozenset = frozenset()) -> PageFacts:
     """Facts of one page from its block record (``toc_titles``: outline headings starting on it;
-    ``height``: the page image's height, for the margin band; ``rendered``: the PDF's lines)."""
+    ``height``: the page image's height, for the margin band; ``rendered``: the PDF's lines;
+    ``running``: the document's :func:`running_texts`)."""
     facts = PageFacts(page=int(page_record["page"]))
     if page_record.get("source") != "text":
         return facts
-    blocks = body_blocks(page_record, height)
+    blocks = body_blocks(page_record, height, running)
     tables = [i for i, b in enumerate(blocks) if b.get("label") == "table"]
     facts.table_blocks = len(tables)
     for i in tables:
@@ -1208,28 +1233,29 @@ class OfflineTeacher:
                 toc.setdefault(section.first_page, []).append(section.title)
         segment = [p for p in range(request.first_page, request.last_page + 1) if p in by_page]
         rendered = self._doc_rendered(record, segment)
+        running = running_texts(blocks, heights)
         pages = {}
         for page in segment:
             pages[page] = page_facts(by_page[page], None if toc is None else toc.get(page, []), heights.get(page),
-                                     None if rendered is None else rendered.get(page))
+                                     None if rendered is None else rendered.get(page), running)
         stream = [(int(p["page"]), b) for p in sorted(blocks, key=lambda p: int(p["page"]))
-                  if p.get("source") == "text" for b in body_blocks(p, heights.get(int(p["page"])))]
+                  if p.get("source") == "text" for b in body_blocks(p, heights.get(int(p["page"])), running)]
         heading_counts: Counter = Counter(_title_key(_clean(b.get("text", ""))) for _, b in stream
                                           if b.get("label") == "section")
         title_counts: Counter = Counter(_title_key(s.title) for s in record.sections)
         spans = [s for s in section_spans(record, stream) if request.first_page <= s.first_page <= request.last_page]
         ctx = _Ctx(request.first_page, request.last_page, pages, heading_counts, random.Random(request.seed),
                    spans, rendered, title_counts)
-        self._place_tables(ctx, by_page, heights)
+        self._place_tables(ctx, by_page, heights, running)
         return ctx
 
     @staticmethod
-    def _place_tables(ctx: _Ctx, by_page: dict, heights: dict) -> None:
+    def _place_tables(ctx: _Ctx, by_page: dict, heights: dict, running: frozenset) -> None:
         """Name the section each captioned table lies in (its caption block's innermost section)."""
         for table in [t for p in sorted(ctx.pages) for t in ctx.pages[p].tables]:
             if not table.caption:
                 continue
-            for block in body_blocks(by_page[table.page], heights.get(table.page)):
+            for block in body_blocks(by_page[table.page], heights.get(table.page), running):
                 if block.get("label") == "caption" and _clean(str(block.get("text", ""))) == table.caption:
                     table.section = _segment_span_for(ctx, table.page, block)
                     break
@@ -1272,5 +1298,6 @@ __all__ = [
     "parse_number",
     "parse_table",
     "rendered_pages",
+    "running_texts",
     "section_spans",
 ]

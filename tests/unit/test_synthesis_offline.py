@@ -595,8 +595,9 @@ def test_too_long_documents_cost_no_teacher_call(facts, counter, tmp_path):
 
 def _hand_pool(tmp_path, pages: int = 10):
     """A PDF and a pool entry whose blocks carry the layout mistakes seen on real documents: the
-    running head and the page number labelled as text (in the margin band), a caption and a value
-    line cut at a line end, while the PDF renders them whole."""
+    running head and the page number labelled as text (in the margin band, and a second running
+    line just below it), a caption and a value line cut at a line end, while the PDF renders them
+    whole."""
     from megatron_vlm.common.storage import atomic_write_json_gz
     from megatron_vlm.pool.pdf import import_pymupdf
     from megatron_vlm.pool.records import DocRecord, PageRecord
@@ -606,7 +607,8 @@ def _hand_pool(tmp_path, pages: int = 10):
     page_blocks, toc = [], []
     for n in range(1, pages + 1):
         page = doc.new_page(width=612, height=792)
-        lines = [(30, "Field Guide: Chapter 3"), (110, f"{n} Survey Area {chr(64 + n)}"),
+        lines = [(30, "Field Guide: Chapter 3"), (84, "Handbook edition: 2024 internal draft"),
+                 (110, f"{n} Survey Area {chr(64 + n)}"),
                  (150, "Table 2: Monthly rates for the northern region"), (190, "Owner: Ann Lee"),
                  (230, "Status: closed"), (770, f"{n + 40}")]
         for y, text in lines:
@@ -618,6 +620,7 @@ def _hand_pool(tmp_path, pages: int = 10):
 
         page_blocks.append({"page": n, "source": "text", "blocks": [
             block("paragraph", 30, "Field Guide: Chapter 3"),  # running head, labelled as text
+            block("paragraph", 84, "Handbook edition: 2024 internal draft"),  # a second one, below the margin band
             block("section", 110, f"{n} Survey Area {chr(64 + n)}"),
             block("caption", 150, "Table 2: Monthly rates for the"),  # cut: the PDF prints the whole line
             block("paragraph", 190, "Owner: Ann"),  # cut at the line end
@@ -657,6 +660,7 @@ def test_no_running_head_page_number_or_cut_line_is_an_answer(tmp_path):
         for text in (answer if isinstance(answer, list) else [answer]):
             text = str(text)
             assert "Field Guide" not in text and "Chapter 3" not in text, (question, answer)
+            assert "internal draft" not in text, (question, answer)
             if kind not in ("locate_section", "locate_table", "page_gap", "subsection_count", "row_count"):
                 assert not re.fullmatch(r"\d+", text), (question, answer)  # no printed page number
             assert text not in ("Ann", "Table 2: Monthly rates for the"), (question, answer)  # no cut line
