@@ -106,7 +106,7 @@ class PoolConfig:
     progress: bool = True
 
     OUTPUT_FIELDS = ("dpi", "min_pages", "max_pages", "image_format", "image_quality", "ocr", "ocr_languages",
-                     "ocr_max_pages", "ocr_dpi", "broken_text", "broken_text_max_share", "tables", "limits")
+                     "ocr_max_pages", "ocr_dpi", "tables", "limits")
 
     def validate(self) -> "PoolConfig":
         if self.image_format not in IMAGE_SUFFIX:
@@ -129,6 +129,9 @@ class PoolConfig:
         values["limits"] = asdict(self.limits)
         if self.layout != "heuristic":  # recorded only when not the default, so older pools still resume
             values["layout"] = self.layout
+        if (self.broken_text, self.broken_text_max_share) != ("ocr", 0.1):  # likewise
+            values["broken_text"] = self.broken_text
+            values["broken_text_max_share"] = self.broken_text_max_share
         return {"schema": SCHEMA, **values}
 
 

@@ -20,7 +20,14 @@ from megatron_vlm.common.inputs import sha256_file  # noqa: E402
 from megatron_vlm.pool import build as B  # noqa: E402
 from megatron_vlm.pool import pdf as P  # noqa: E402
 from megatron_vlm.pool import text_quality as T  # noqa: E402
-from megatron_vlm.pool.build import DocTask, PoolConfig, merge_pool, process_document, run_shard  # noqa: E402
+from megatron_vlm.pool.build import (  # noqa: E402
+    DocTask,
+    PoolConfig,
+    check_pool_config,
+    merge_pool,
+    process_document,
+    run_shard,
+)
 from megatron_vlm.pool.records import DocRecord, load_blocks  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "real_pdfs")
@@ -190,3 +197,14 @@ def test_old_manifest_without_text_layer_still_reads():
     assert stats["text_layers"] == {"ok": 1}
     with_broken = B.pool_stats([(1, "ru", 1, "pages", (("ocr", 1),), False, "ocr")], [])
     assert with_broken["text_layers"] == {"ocr": 1} and "Text layer" in B.format_stats(with_broken)
+
+
+def test_pools_built_before_the_check_resume_and_the_policy_is_pinned(tmp_path):
+    out = str(tmp_path / "pool")
+    check_pool_config(PoolConfig(output=out))
+    with open(os.path.join(out, "pool_config.json"), encoding="utf-8") as f:
+        assert "broken_text" not in json.load(f)  # the default is not recorded: older pools still resume
+    with pytest.raises(ValueError, match="broken_text"):
+        check_pool_config(PoolConfig(output=out, broken_text="reject"))
+    with pytest.raises(ValueError, match="ocr or reject"):
+        PoolConfig(output=out, broken_text="skip").validate()
