@@ -51,8 +51,6 @@ MAX_LISTED = 10  # longest list answer (subsections, table entries)
 
 _NUMBER = re.compile(r"^(?P<neg>[-\u2212])?(?P<cur>[$€£¥])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?"
                      r"(?P<pct>%)?$")
-_WORD = re.compile(r"^\w+(?:['\u2019-]\w+)*$")
-_TRAILING = ".,;:!?)]}\"'\u201d\u2019"
 _KV = re.compile(r"^([A-Z][^:\n]{1,40}):\s+(\S[^\n]{0,100})$")
 _TOTAL = re.compile(r"\b(total|sum|overall|all|average|mean|gesamt|summe)\b|合计|总计|總計", re.IGNORECASE)
 _CAPTION_KIND = re.compile(r"^\s*(fig\.?|figure|table|chart|abbildung|tabelle|图|表)\s*\d", re.IGNORECASE)

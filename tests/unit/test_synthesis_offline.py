@@ -97,8 +97,9 @@ def verify(pair: QAPair, truth: DocTruth) -> None:
     for cell in d.get("cells", []):
         assert truth.cell(cell["page"], cell["row"], cell["column"]) == cell["text"], cell
         # the table is named by its page, or by its caption (the only table caption printed on its page)
+        caption = cell["caption"]
         named = f"Page {cell['page']}" in q or (
-            cell["caption"] and f"\u201c{cell['caption']}\u201d" in q and cell["caption"] in truth.pages[cell["page"]].captions)
+            caption and f"\u201c{caption}\u201d" in q and caption in truth.pages[cell["page"]].captions)
         assert named, (q, cell)
         assert f"\u201c{cell['column']}\u201d" in q
         assert d.get("whole_column") or f"\u201c{cell['row']}\u201d" in q
