@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 
 import pytest
 
@@ -212,3 +213,87 @@ def test_missing_inputs_are_named(tmp_path):
         StudyRunner(cfg).run()
     with pytest.raises(StudyError, match="unknown variant"):
         StudyRunner(StudyConfig("table2_ratio", str(tmp_path), variants=["ratio_5_5"]))
+
+
+class FakeTools:
+    """Stands in for the tools (no subprocess): mix writes MIX.stats.json with the given per-task
+    tokens, train writes the run's and the final checkpoint's configs, eval writes report.json."""
+
+    def __init__(self, tokens_by_task: dict, rope_saved=None):
+        self.tokens_by_task, self.rope_saved, self.calls = tokens_by_task, rope_saved, []
+
+    def __call__(self, runner, label, argv, env=None):
+        self.calls.append(label)
+        if label.endswith("-mix"):
+            out = os.path.dirname(_flag(argv, "--output"))
+            os.makedirs(out, exist_ok=True)
+            per_task = {t: (n, 10, 0.2, 2000) for t, n in self.tokens_by_task.items()}
+            stats = _stats(per_task, short_ratio=float(_flag(argv, "--short-ratio")) if "--short-ratio" in argv else 0)
+            stats["budget_tokens"] = 24 * K
+            with open(os.path.join(out, "mix.stats.json"), "w") as f:
+                json.dump(stats, f)
+        elif label.endswith("-train"):
+            sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+            rope = self.rope_saved or float(sets["model.rope_theta"])
+            ckpt = os.path.join(sets["log.run_dir"], "checkpoints", "iter_0000002")
+            os.makedirs(ckpt, exist_ok=True)
+            for path, body in ((os.path.join(sets["log.run_dir"], "config.json"), {"model": {"rope_theta": rope}}),
+                               (os.path.join(ckpt, "config.json"), {"rope_theta": rope})):
+                with open(path, "w") as f:
+                    json.dump(body, f)
+        elif label.startswith("eval-"):
+            os.makedirs(_flag(argv, "--output"), exist_ok=True)
+            open(os.path.join(_flag(argv, "--output"), "report.json"), "w").write("{}")
+        return ""
+
+
+def _patch(monkeypatch, R, fake: FakeTools) -> None:
+    monkeypatch.setattr(R.StudyRunner, "execute", lambda runner, label, argv, env=None: fake(runner, label, argv, env))
+
+
+def _local_config(tmp_path, study: str, variants: list[str]):
+    from megatron_vlm.study.commands import StudyConfig
+
+    pool = tmp_path / "pool"
+    pool.mkdir(exist_ok=True)
+    for task in ("extract-single", "extract-multi", "reasoning"):
+        (pool / f"{task}.jsonl").write_text("{}\n")
+    return StudyConfig(study, str(tmp_path / "work"), pool=str(pool), launcher="local", recipe="tiny_cpu",
+                       token_budget="24K", max_seq_len=2048, eval_data=["samples:x"], smoke=True, variants=variants,
+                       train_sets=["schedule.global_batch_tokens=2048", "schedule.train_steps=2"])
+
+
+def test_runner_stops_on_data_that_does_not_match_and_resumes(tmp_path, monkeypatch):
+    from megatron_vlm.study import runner as R
+
+    cfg = _local_config(tmp_path, "table16_rope", ["extract-single_rope2e6", "extract-single_rope8e6"])
+    # the data holds reasoning samples too: a wrong mixture is stopped before preprocessing and training
+    fake = FakeTools({ES: 20 * K, RE: 4 * K})
+    _patch(monkeypatch, R, fake)
+    with pytest.raises(R.StudyError, match=r"extract-single_rope2e6.*mix.stats.json.*'reasoning' holds"):
+        R.StudyRunner(cfg, log=lambda line: None).run()
+    assert fake.calls == [next(c for c in fake.calls if c.endswith("-mix"))]
+    assert not list((tmp_path / "work" / "data").glob("*/DONE.json"))
+
+    # right data, but a run whose saved config has another mRoPE base
+    fake = FakeTools({ES: 24 * K}, rope_saved=1e6)
+    _patch(monkeypatch, R, fake)
+    with pytest.raises(R.StudyError, match="config.json has rope_theta 1000000.0, the variant claims 2e\\+06"):
+        R.StudyRunner(cfg, log=lambda line: None).run()
+
+    # everything right, but no tools/compare_runs.py: a clear error after the evaluations
+    for run in (tmp_path / "work" / "runs").iterdir():
+        shutil.rmtree(run)
+    fake = FakeTools({ES: 24 * K})
+    _patch(monkeypatch, R, fake)
+    monkeypatch.setattr(R.C, "REPO", str(tmp_path))
+    with pytest.raises(R.StudyError, match="tools/compare_runs.py not found"):
+        R.StudyRunner(cfg, log=lambda line: None).run()
+    assert sorted(c.split("-")[0] for c in fake.calls) == ["eval", "eval", "run", "run"]  # data was kept (DONE.json)
+    # a rerun skips data, runs and evals; only the comparison is left
+    fake = FakeTools({ES: 24 * K})
+    monkeypatch.undo()
+    _patch(monkeypatch, R, fake)
+    summary = R.StudyRunner(cfg, log=lambda line: None).run()
+    assert fake.calls == ["compare-table16_rope"]
+    assert [v["rope"]["claimed"] for v in summary["variants"].values()] == [2e6, 8e6]
