@@ -1,7 +1,8 @@
 """Near-duplicate documents by content: the same document saved twice (re-compressed, other
 metadata, another producer) has another SHA-256 but the same text layer.
 
-Each document's text layer (all pages, NFKC + case-folded words) is cut into overlapping
+Each document's text layer (all pages, NFKC + case-folded words of two or more letters, line-end
+hyphenation undone) is cut into overlapping
 ``SHINGLE``-word shingles, summarised by a ``NUM_PERM``-permutation MinHash (``datasketch``,
 fixed seed: the same text always gives the same signature), stored in the record as
 ``text_minhash``. At merge time documents are visited in path order; MinHashLSH finds earlier kept
@@ -24,10 +25,18 @@ MIN_WORDS = 100  # below this the text says too little to compare
 SEED = 1
 
 _WORD = re.compile(r"\w+")
+_LINE_END_HYPHEN = re.compile(r"(\w)[-\u00ad\u2010]\s*\n\s*(\w)")
 
 
 def _words(texts: Iterable[str]) -> list[str]:
-    return [w for text in texts for w in _WORD.findall(unicodedata.normalize("NFKC", text).casefold())]
+    """Case-folded words of two or more characters, hyphenation at line ends undone: two builds of one
+    document break lines in other places ('мик-\\nрокалькуляторах' vs 'микрокалькуляторах') and keep or
+    lose stray one-letter glyphs (initials, accents); neither should make them different documents."""
+    words = []
+    for text in texts:
+        text = _LINE_END_HYPHEN.sub(r"\1\2", unicodedata.normalize("NFKC", text))
+        words.extend(w for w in _WORD.findall(text.casefold()) if len(w) > 1)
+    return words
 
 
 def text_minhash(texts: Iterable[str]) -> list[int]:
@@ -78,7 +87,8 @@ class NearDuplicateFinder:
         return best
 
     def stats(self) -> dict:
-        return {"method": f"MinHash ({NUM_PERM} permutations) over {SHINGLE}-word shingles, LSH",
+        return {"method": f"MinHash ({NUM_PERM} permutations) over {SHINGLE}-word shingles (words of 2+ letters, "
+                          "line-end hyphens joined), LSH",
                 "threshold": self.threshold, "compared": self.compared,
                 f"not_compared_under_{MIN_WORDS}_words": self.not_compared}
 

@@ -380,6 +380,32 @@ def test_near_duplicate_documents_kept_once(tmp_path):
         assert stats["near_duplicates"]["compared"] == 3
 
 
+REAL_PDFS = os.path.join(REPO, "tests", "data", "real_pdfs")
+
+
+def test_real_near_duplicates_same_bibliography_built_from_two_encodings(tmp_path):
+    """Real documents (tests/data/real_pdfs/SOURCES.md): gost's example bibliography built once from
+    cp1251 sources and once from UTF-8 ones. Their text layers differ in line breaks, hyphenation and
+    the initials the cp1251 build lost (5-word shingle Jaccard 0.70 with plain words); the pool must
+    still keep one. An unrelated English document is kept."""
+    import shutil
+
+    folder = tmp_path / "pdfs"
+    folder.mkdir()
+    names = ("a_gost2008-cp1251-p1-3.pdf", "b_ugost2008-utf8-p1-3.pdf", "c_cyoutenc-en-p1-2.pdf")
+    for name in names:
+        shutil.copy(os.path.join(REAL_PDFS, name[2:]), folder / name)
+    output = str(tmp_path / "pool")
+    run_shard(discover_inputs([str(folder)]), _cfg(output, dpi=36), **QUIET)
+    merge_pool(output, 1)
+    kept = sorted(os.path.basename(r.source) for r in read_manifest(output))
+    assert kept == [names[0], names[2]]
+    with open(os.path.join(output, "report.json")) as f:
+        (rejected,) = json.load(f)["rejected"]
+    assert rejected["reason"] == "near_duplicate" and rejected["source"].endswith(names[1])
+    assert rejected["duplicate_of"].endswith(names[0])
+
+
 def test_little_text_is_not_compared():
     from megatron_vlm.pool.near_dup import MIN_WORDS, NearDuplicateFinder, text_minhash
 
