@@ -42,6 +42,9 @@ class StudyConfig:
     max_seq_len: int = 128 * 1024
     seed: int = 0
     long_threshold: Optional[int] = None  # None: tools/mix_data.py's 100K
+    # smoke: instead of a fixed threshold, the length that this share of each variant's input samples
+    # reach (0.236 = the paper's pool-native share >= 100K, Table 11)
+    long_pool_share: Optional[float] = None
     train_sets: list[str] = field(default_factory=list)  # extra trainer --set for every run
     eval_data: list[str] = field(default_factory=list)  # tools/evaluate.py --data specs
     eval_lengths: str = "64K,128K"
@@ -87,7 +90,7 @@ def data_key(cfg: StudyConfig, setting: DataSetting) -> str:
     """Folder name of a data variant: readable settings + a hash of everything that shapes the data."""
     payload = {"setting": setting, "pool": cfg.pool, "long_pool": cfg.long_pool, "short": cfg.short_data,
                "budget": cfg.token_budget, "seq": cfg.max_seq_len, "seed": cfg.seed, "long": cfg.long_threshold,
-               "overlong": cfg.overlong, "cp": _cp_size(cfg)}
+               "overlong": cfg.overlong, "cp": _cp_size(cfg), "long_pool_share": cfg.long_pool_share}
     return f"{setting.slug()}-{settings_digest(payload)}"
 
 
@@ -101,11 +104,33 @@ def mix_command(cfg: StudyConfig, setting: DataSetting, out_dir: str) -> list[st
         argv += ["--short-data", cfg.short_data or "SHORT_DATA", "--short-ratio", f"{setting.short_ratio:g}"]
         if cfg.short_image_root:
             argv += ["--short-image-root", cfg.short_image_root]
-    if cfg.long_threshold is not None:
-        argv += ["--long-threshold", str(cfg.long_threshold)]
+    threshold = cfg.long_threshold
+    if threshold is None and cfg.long_pool_share:
+        threshold = quantile_threshold([task_file(cfg, t, setting.distribution) for t in setting.tasks],
+                                       cfg.long_pool_share)
+    if threshold is not None:
+        argv += ["--long-threshold", str(threshold)]
     if cfg.allow_repeat:
         argv.append("--allow-repeat")
     return argv + ["--no-progress"]
+
+
+def quantile_threshold(files: list[str], share: float) -> Optional[int]:
+    """The sample length (``meta.num_tokens``) that ``share`` of the samples in ``files`` reach (None
+    when the files are absent, e.g. under --dry-run before the smoke inputs exist)."""
+    import json
+
+    import numpy as np
+
+    lengths = []
+    for path in files:
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            lengths += [json.loads(line)["meta"]["num_tokens"] for line in f if line.strip()]
+    if not lengths:
+        return None
+    return int(np.quantile(np.asarray(lengths), 1 - share, method="higher"))
 
 
 def preprocess_command(cfg: StudyConfig, out_dir: str) -> list[str]:

@@ -320,15 +320,13 @@ def format_summary(summary: dict) -> str:
         claimed = ", ".join(f"{t} {100 * s:.0f}%" for t, s in claims["task_shares"].items())
         measured = ", ".join(f"{t} {100 * row['token_share']:.1f}%" for t, row in per_task.items())
         long = ", ".join(f"{t} {100 * row['long_share']:.0f}% / {100 * (row['pool_long_share'] or 0):.0f}%"
-                         for t, row in per_task.items() if t != "short")
+                         for t, row in per_task.items() if t != "short") + f" (>= {d.get('long_threshold')})"
         short = f"{100 * per_task['short']['token_share']:.1f}%" if "short" in per_task else "0%"
         saved = sorted(set((r.get("rope") or {}).get("found", {}).values()))
         lines.append(f"| {name} | {claimed} | {measured} | {claims['distribution']} | {long} | {short} | "
                      f"{claims['rope_theta']:g} | {', '.join(f'{x:g}' for x in saved)} | {r['status']} |")
-    if d := next(iter(data.values()), None):
-        threshold = (d.get("summary") or {}).get("long_threshold")
-        lines += ["", f"Long share: samples >= {threshold} tokens. Data folders: "
-                  + ", ".join(sorted(data)) + "."]
+    lines += ["", "Long share: samples with at least the data's long threshold (tokens, in brackets). Data folders: "
+              + ", ".join(sorted(data)) + "."]
     if summary.get("comparison"):
         lines += ["", f"Comparison: {summary['comparison']}/comparison.md"]
     if summary.get("short_context"):

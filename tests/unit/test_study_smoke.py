@@ -36,10 +36,10 @@ def test_table16_rope_smoke_end_to_end(tmp_path, capsys, monkeypatch):
     assert stats["distribution"] == "pool-native" and stats["short_ratio"] == 0
     assert list(stats["per_task"]) == ["extract-single"]
     assert stats["per_task"]["extract-single"]["token_share"] == 1.0
-    assert stats["tokens"] >= 24 * 1024  # the smoke's budget, overshooting by less than a sample
-    assert stats["tokens"] < 24 * 1024 + stats["per_task"]["extract-single"]["max_tokens"]
+    assert stats["tokens"] >= 12 * 1024  # the smoke's budget, overshooting by less than a sample
+    assert stats["tokens"] < 12 * 1024 + stats["per_task"]["extract-single"]["max_tokens"]
     pool_long = stats["per_task"]["extract-single"]["pool_long_share"]
-    assert 0.15 <= pool_long <= 0.35  # the smoke's threshold puts ~23.6% of the pool above it (Table 11)
+    assert 0.236 <= pool_long <= 0.4  # the smoke's threshold puts 23.6% of the pool (+ ties) above it (Table 11)
     for name, base in zip(VARIANTS, (1e6, 8e6)):
         v = summary["variants"][name]
         assert v["status"] == "evaluated" and v["claims"]["rope_theta"] == base
