@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from typing import Optional
 
 from megatron_vlm import cli
@@ -23,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vlm.study.commands import LAUNCHERS
 
     p = argparse.ArgumentParser(prog="python -m megatron_vlm.study", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=list(ABLATIONS), help="which ablation")
     p.add_argument("--work", required=True, metavar="DIR", help="work folder (data, runs, evals; shared by studies)")
     p.add_argument("--pool", metavar="DIR", help="synthesized task files DIR/<task>.jsonl (tools/synthesize_vqa.py)")

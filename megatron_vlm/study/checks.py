@@ -10,7 +10,8 @@ held (``available``). Checked against a :class:`~megatron_vlm.study.ablations.Va
   share of the whole mixture is reported; it drifts when several tasks overshoot); no other task;
 * length distribution: the stats record the distribution asked; long-biased: each task's share of
   samples >= the threshold at least the asked fraction minus ``long_tol`` (the mixer's own warning
-  margin) minus three binomial standard errors (small smoke mixtures); pool-native: that share equals the pool's own within three binomial standard errors
+  margin) minus three binomial standard errors (small smoke mixtures); pool-native: that share
+  equals the pool's own within three binomial standard errors
   plus ``abs_tol`` (no reweighting happened);
 * mRoPE base: the run's saved config.json (``model.rope_theta``) and its final checkpoint's model
   config (``rope_theta``) both equal the claim.

@@ -147,7 +147,8 @@ def _recipe_config(cfg: StudyConfig, variant: Optional[Variant] = None):
 
     if cfg.recipe not in RECIPES:
         raise ValueError(f"--recipe {cfg.recipe!r} unknown; choose one of {sorted(RECIPES)}")
-    return apply_overrides(RECIPES[cfg.recipe](), common_train_sets(cfg) + (variant.train_overrides() if variant else []))
+    overrides = common_train_sets(cfg) + (variant.train_overrides() if variant else [])
+    return apply_overrides(RECIPES[cfg.recipe](), overrides)
 
 
 def _cp_size(cfg: StudyConfig) -> int:

@@ -294,7 +294,8 @@ class StudyRunner:
             atomic_write_json(config_path, C.vlmevalkit_config(exports))
             atomic_write_bytes(os.path.join(folder, "run_vlmevalkit.sh"), script.encode())
             os.chmod(os.path.join(folder, "run_vlmevalkit.sh"), 0o755)
-            self.log(f"[study] short-context evaluation (Table 3), not run here: {folder}/run_vlmevalkit.sh\n  {command}")
+            self.log(f"[study] short-context evaluation (Table 3), not run here: {folder}/run_vlmevalkit.sh\n"
+                     f"  {command}")
         return {"exports": exports, "config": config_path, "script": os.path.join(folder, "run_vlmevalkit.sh"),
                 "command": command}
 

@@ -28,7 +28,7 @@ from dataclasses import replace
 from typing import Callable
 
 from megatron_vlm.common.storage import atomic_write_bytes
-from megatron_vlm.study.ablations import ABLATIONS, VQA_TASKS
+from megatron_vlm.study.ablations import ABLATIONS
 from megatron_vlm.study.commands import REPO, StudyConfig
 
 ROW = 2048
@@ -123,7 +123,8 @@ def prepare(cfg: StudyConfig, log: Callable[[str], None] = print) -> StudyConfig
     return replace(
         cfg, pool=f"{root}/vqa", long_pool=None, short_data=short, short_image_root=f"{root}/pool" if short else None,
         base_checkpoint=None, launcher="local", recipe="tiny_cpu", token_budget="12K", max_seq_len=ROW,
-        long_threshold=None, long_pool_share=POOL_NATIVE_LONG_SHARE, allow_repeat=True, overlong="truncate", preprocess_workers=0,
+        long_threshold=None, long_pool_share=POOL_NATIVE_LONG_SHARE, allow_repeat=True, overlong="truncate",
+        preprocess_workers=0,
         train_sets=[f"schedule.global_batch_tokens={ROW}", "schedule.train_steps=2", "checkpoint.interval=2",
                     "log.interval=1", "log.tensorboard=false", "data.num_workers=0", *cfg.train_sets],
         eval_data=[f"samples:{root}/eval/heldout.jsonl,pool={root}/pool_eval"], eval_lengths="1K,2K",

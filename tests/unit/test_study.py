@@ -22,7 +22,8 @@ ES, EM, RE = "extract-single", "extract-multi", "reasoning"
 # extract-single and extract-multi, Section 5.2); Table 3 short shares over the 8:2 mixture;
 # Table 16 bases per task (+ 1e6 asked by the issue); final = Appendix A.
 PAPER = {
-    "table1_tasks": {"extract-single": ({ES: 1.0}, "pool-native", 4e6), "extract-multi": ({EM: 1.0}, "pool-native", 4e6),
+    "table1_tasks": {"extract-single": ({ES: 1.0}, "pool-native", 4e6),
+                     "extract-multi": ({EM: 1.0}, "pool-native", 4e6),
                      "reasoning": ({RE: 1.0}, "pool-native", 4e6), "OCR-full": ({"ocr-full": 1.0}, "pool-native", 4e6),
                      "OCR-needle": ({"ocr-needle": 1.0}, "pool-native", 4e6)},
     "fig2_length": {f"{t}_{d}": ({t: 1.0}, dist, 4e6) for t in (ES, EM, RE)
@@ -89,10 +90,12 @@ def test_data_check_accepts_the_claim_and_rejects_a_wrong_variant():
     with pytest.raises(StudyCheckError, match="short-ratio 0.0, claimed 0.2"):
         check_data(_variant("table3_short", "short_20"), mix_82, "mix.stats.json")
     mix_short = _stats({ES: (32 * K * K, 400, 0.236, 120 * K), EM: (32 * K * K, 400, 0.236, 120 * K),
-                        RE: (16 * K * K, 200, 0.236, 120 * K), "short": (20 * K * K, 9000, 0.0, 4 * K)}, short_ratio=0.2)
+                        RE: (16 * K * K, 200, 0.236, 120 * K), "short": (20 * K * K, 9000, 0.0, 4 * K)},
+                       short_ratio=0.2)
     check_data(_variant("table3_short", "short_20"), mix_short, "mix.stats.json")
     short_low = _stats({ES: (36 * K * K, 400, 0.236, 120 * K), EM: (36 * K * K, 400, 0.236, 120 * K),
-                        RE: (18 * K * K, 200, 0.236, 120 * K), "short": (10 * K * K, 9000, 0.0, 4 * K)}, short_ratio=0.2)
+                        RE: (18 * K * K, 200, 0.236, 120 * K), "short": (10 * K * K, 9000, 0.0, 4 * K)},
+                       short_ratio=0.2)
     with pytest.raises(StudyCheckError, match="'short': 10.00% of the tokens, claimed 20.00%"):
         check_data(_variant("table3_short", "short_20"), short_low, "mix.stats.json")
 
@@ -148,8 +151,8 @@ def test_dry_run_prints_every_command_slurm(capsys, tmp_path, study):
     sbatch = [c for c in commands if c[0] == "sbatch"]
     evals = [c for c in commands if c[1].endswith("tools/evaluate.py")]
     compare = [c for c in commands if c[1].endswith("tools/compare_runs.py")]
-    settings = {(tuple(sorted((t, round(s, 6)) for t, s in shares.items() if t != "short")), dist, shares.get("short", 0))
-                for shares, dist, _ in expected.values()}
+    settings = {(tuple(sorted((t, round(s, 6)) for t, s in shares.items() if t != "short")), dist,
+                 shares.get("short", 0)) for shares, dist, _ in expected.values()}
     assert len(mixes) == len(preprocess) == len(settings)  # each distinct data variant built once
     for mix in mixes:
         shares = dict((t, float(s)) for t, s in (item.split(":") for item in _flag(mix, "--task-mix").split(",")))

@@ -8,8 +8,6 @@ import csv
 import json
 import os
 
-import pytest
-
 VARIANTS = ["extract-single_rope1e6", "extract-single_rope8e6"]
 
 
