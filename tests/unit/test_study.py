@@ -300,3 +300,23 @@ def test_runner_stops_on_data_that_does_not_match_and_resumes(tmp_path, monkeypa
     summary = R.StudyRunner(cfg, log=lambda line: None).run()
     assert fake.calls == ["compare-table16_rope"]
     assert [v["rope"]["claimed"] for v in summary["variants"].values()] == [2e6, 8e6]
+
+
+def test_example_wrappers_pass_their_study_and_inputs(tmp_path):
+    """examples/ablations/<study>.sh: one per study, each the one command with POOL/SHORT_DATA/
+    BASE_CHECKPOINT/WORK from the environment (checked on one by running it under --dry-run)."""
+    import subprocess
+    import sys
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "examples", "ablations")
+    assert sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".sh")) == sorted(ABLATIONS)
+    for study in ABLATIONS:
+        text = open(os.path.join(folder, f"{study}.sh")).read()
+        assert f"-m megatron_vlm.study {study} " in text and '"$@"' in text
+    env = {**os.environ, "POOL": "/p", "BASE_CHECKPOINT": "/c", "WORK": str(tmp_path), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", os.path.join(folder, "final.sh"), "--eval-data", "mmlb:/m,images=/i", "--dry-run"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    sbatch = [shlex.split(line) for line in out.splitlines() if line.startswith("sbatch ")]
+    assert len(sbatch) == 1 and "MODEL_DIR=/c" in _flag_eq(sbatch[0], "--export")
+    assert "/p/extract-single.jsonl" in out and str(tmp_path / "runs") in out
