@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 2: extraction:reasoning token ratio 0:10, 2:8, ..., 10:0.
-#   POOL=vqa/ SHORT_DATA=llava.jsonl BASE_CHECKPOINT=ckpt/qwen7b WORK=work_dirs/study \
+#   VQA=vqa/ SHORT_DATA=llava.jsonl BASE_CHECKPOINT=ckpt/qwen7b WORK=work_dirs/study \
 #     bash examples/ablations/table2_ratio.sh --eval-data mmlb:MMLongBench/data,images=MMLongBench/images [--dry-run | --smoke | ...]
 # See README "Reproducing the paper"; every flag: python -m megatron_vlm.study --help.
-cd "$(dirname "$0")/../.." && exec "${PYTHON:-python3}" -m megatron_vlm.study table2_ratio ${POOL:+--pool "$POOL"} ${SHORT_DATA:+--short-data "$SHORT_DATA"} ${BASE_CHECKPOINT:+--base-checkpoint "$BASE_CHECKPOINT"} --work "${WORK:-work_dirs/study}" "$@"
+cd "$(dirname "$0")/../.." && exec "${PYTHON:-python3}" -m megatron_vlm.study table2_ratio ${VQA:+--vqa "$VQA"} ${SHORT_DATA:+--short-data "$SHORT_DATA"} ${BASE_CHECKPOINT:+--base-checkpoint "$BASE_CHECKPOINT"} --work "${WORK:-work_dirs/study}" "$@"

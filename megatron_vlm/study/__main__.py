@@ -1,4 +1,4 @@
-"""``python -m megatron_vlm.study STUDY --pool P --short-data S --base-checkpoint C --work DIR``:
+"""``python -m megatron_vlm.study STUDY --vqa V --short-data S --base-checkpoint C --work DIR``:
 one of the paper's ablations end to end (data, training, evaluation at 64K/128K, comparison table).
 
 Studies: table1_tasks, fig2_length, table2_ratio, table3_short, table16_rope, final
@@ -21,14 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_vlm.study.ablations import ABLATIONS
     from megatron_vlm.study.commands import LAUNCHERS
 
+    LONG_THRESHOLD = 100 * 1024  # tools/mix_data.py's (megatron_vlm.mixing.mixer imports numpy: not for --help)
+
     p = argparse.ArgumentParser(prog="python -m megatron_vlm.study", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", choices=list(ABLATIONS), help="which ablation")
     p.add_argument("--work", required=True, metavar="DIR", help="work folder (data, runs, evals; shared by studies)")
-    p.add_argument("--pool", metavar="DIR", help="synthesized task files DIR/<task>.jsonl (tools/synthesize_vqa.py)")
-    p.add_argument("--long-pool", metavar="DIR", help="same layout from 50-100-page documents: long-biased variants "
-                                                      "draw from it (default: --pool)")
+    p.add_argument("--vqa", metavar="DIR", help="synthesized task files DIR/<task>.jsonl (tools/synthesize_vqa.py "
+                                                "--output DIR/<task>.jsonl); not a document pool")
+    p.add_argument("--long-vqa", metavar="DIR", help="same layout from 50-100-page documents: long-biased variants "
+                                                     "draw from it (default: --vqa)")
     p.add_argument("--short-data", metavar="FILE", help="short-context data (LLaVA conversation or samples JSONL)")
     p.add_argument("--short-image-root", metavar="DIR", help="folder the short data's image paths are relative to")
     p.add_argument("--base-checkpoint", metavar="DIR", help="the model to continue from (convert.py hf-to-megatron)")
@@ -43,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seq-len", type=cli.token_count, default=cli.MAX_SEQ_LEN, metavar="N[K]",
                    help="packed row length (data.max_seq_len)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixtures")
-    p.add_argument("--long-threshold", type=cli.token_count, default=None, metavar="N[K]",
-                   help="what counts as long in the statistics and long-biased sampling (default: 100K)")
+    p.add_argument("--long-threshold", default=str(LONG_THRESHOLD), metavar="N[K]",
+                   help="what counts as long (statistics and long-biased sampling); 100K = 102,400")
     p.add_argument("--set", dest="train_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="trainer override for every run (repeatable)")
     p.add_argument("--eval-data", action="append", default=[], metavar="SPEC",
@@ -72,10 +75,10 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = StudyConfig(
-            ablation=args.study, work=args.work, pool=args.pool, long_pool=args.long_pool, short_data=args.short_data,
+            ablation=args.study, work=args.work, vqa=args.vqa, long_vqa=args.long_vqa, short_data=args.short_data,
             short_image_root=args.short_image_root, base_checkpoint=args.base_checkpoint, launcher=args.launcher,
             recipe=args.recipe, nproc_per_node=args.nproc_per_node, nodes=args.nodes, token_budget=args.token_budget,
-            max_seq_len=args.max_seq_len, seed=args.seed, long_threshold=args.long_threshold,
+            max_seq_len=args.max_seq_len, seed=args.seed, long_threshold=cli.token_count(args.long_threshold),
             train_sets=args.train_sets, eval_data=args.eval_data, eval_lengths=args.eval_lengths, judge=args.judge,
             eval_args=shlex.split(args.eval_args), eval_prefix=shlex.split(args.eval_prefix),
             variants=[v for v in args.variants.split(",") if v] if args.variants else None, jobs=args.jobs,

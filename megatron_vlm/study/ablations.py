@@ -149,7 +149,7 @@ def _fig2() -> Ablation:
         variants.append(Variant(f"{task}_long", single_task(task, "long-biased")))
     return Ablation("fig2_length", "pool-native vs long-biased length distribution per task",
                     "Figure 2 / Table 14 (Section 5.1)", "fig2", tuple(variants),
-                    note="long-biased data needs long samples: give --long-pool with 50-100-page documents' "
+                    note="long-biased data needs long samples: give --long-vqa with 50-100-page documents' "
                          "samples as the paper did (Appendix D.2)")
 
 

@@ -110,7 +110,7 @@ def check_data(variant: Variant, stats: dict, where: str, tol: Tolerances = Tole
             if measured < floor:
                 errors.append(f"task {task!r}: {100 * measured:.1f}% of the samples have >= {threshold} tokens, "
                               f"long-biased claims >= {100 * floor:.1f}% (asked {100 * asked:.1f}%); the pool has "
-                              f"{100 * (row['pool_long_share'] or 0):.1f}%: give longer samples (--long-pool)")
+                              f"{100 * (row['pool_long_share'] or 0):.1f}%: give longer samples (--long-vqa)")
         else:
             pool = row["pool_long_share"]
             if pool is None:

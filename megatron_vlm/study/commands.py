@@ -29,8 +29,8 @@ class StudyConfig:
 
     ablation: str
     work: str
-    pool: Optional[str] = None  # folder of synthesized task files: POOL/<task>.jsonl (tools/synthesize_vqa.py)
-    long_pool: Optional[str] = None  # same layout, longer documents: the long-biased variants draw from it
+    vqa: Optional[str] = None  # folder of synthesized task files: VQA/<task>.jsonl (tools/synthesize_vqa.py)
+    long_vqa: Optional[str] = None  # same layout, longer documents: the long-biased variants draw from it
     short_data: Optional[str] = None  # LLaVA conversation JSONL or samples JSONL
     short_image_root: Optional[str] = None
     base_checkpoint: Optional[str] = None  # tools/checkpoint/convert.py hf-to-megatron output
@@ -65,7 +65,7 @@ class StudyConfig:
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         self.work = os.path.abspath(self.work)
-        for name in ("pool", "long_pool", "short_data", "short_image_root", "base_checkpoint"):
+        for name in ("vqa", "long_vqa", "short_data", "short_image_root", "base_checkpoint"):
             value = getattr(self, name)
             if value:
                 setattr(self, name, os.path.abspath(value))
@@ -82,13 +82,13 @@ def tool(cfg: StudyConfig, name: str) -> list[str]:
 
 # ---------------------------------------------------------------------------- data
 def task_file(cfg: StudyConfig, task: str, distribution: str) -> str:
-    root = cfg.long_pool if distribution == "long-biased" and cfg.long_pool else cfg.pool
-    return os.path.join(root or "POOL", f"{task}.jsonl")
+    root = cfg.long_vqa if distribution == "long-biased" and cfg.long_vqa else cfg.vqa
+    return os.path.join(root or "VQA", f"{task}.jsonl")
 
 
 def data_key(cfg: StudyConfig, setting: DataSetting) -> str:
     """Folder name of a data variant: readable settings + a hash of everything that shapes the data."""
-    payload = {"setting": setting, "pool": cfg.pool, "long_pool": cfg.long_pool, "short": cfg.short_data,
+    payload = {"setting": setting, "pool": cfg.vqa, "long_pool": cfg.long_vqa, "short": cfg.short_data,
                "budget": cfg.token_budget, "seq": cfg.max_seq_len, "seed": cfg.seed, "long": cfg.long_threshold,
                "overlong": cfg.overlong, "cp": _cp_size(cfg), "long_pool_share": cfg.long_pool_share}
     return f"{setting.slug()}-{settings_digest(payload)}"

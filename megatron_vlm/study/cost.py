@@ -53,7 +53,7 @@ def distinct_runs(names: Optional[list[str]] = None) -> dict[str, int]:
 
     out, every = {}, set()
     for name in names or list(ABLATIONS):
-        cfg = StudyConfig(name, "/work", pool="/pool", base_checkpoint="/base", launcher="slurm")
+        cfg = StudyConfig(name, "/work", vqa="/vqa", base_checkpoint="/base", launcher="slurm")
         keys = {run_key(cfg, v) for v in ABLATIONS[name].variants}
         out[name] = len(keys)
         every |= keys

@@ -82,12 +82,12 @@ class StudyRunner:
         if cfg.dry_run:
             return
         missing = []
-        if not cfg.pool:
-            missing.append("--pool (folder of synthesized task files POOL/<task>.jsonl)")
+        if not cfg.vqa:
+            missing.append("--vqa (folder of synthesized task files VQA/<task>.jsonl)")
         for v in ab.variants:
             for task in v.data.tasks:
                 path = C.task_file(cfg, task, v.data.distribution)
-                if cfg.pool and not os.path.isfile(path):
+                if cfg.vqa and not os.path.isfile(path):
                     missing.append(f"{path} (tools/synthesize_vqa.py --task {task})")
         if ab.needs_short_data and not (cfg.short_data and os.path.isfile(cfg.short_data)):
             missing.append(f"--short-data (LLaVA or samples JSONL){': ' + cfg.short_data if cfg.short_data else ''}")

@@ -121,7 +121,7 @@ def prepare(cfg: StudyConfig, log: Callable[[str], None] = print) -> StudyConfig
                 for future in [pool_.submit(_once, marker, build) for marker, build in stage]:
                     future.result()
     return replace(
-        cfg, pool=f"{root}/vqa", long_pool=None, short_data=short, short_image_root=f"{root}/pool" if short else None,
+        cfg, vqa=f"{root}/vqa", long_vqa=None, short_data=short, short_image_root=f"{root}/pool" if short else None,
         base_checkpoint=None, launcher="local", recipe="tiny_cpu", token_budget="12K", max_seq_len=ROW,
         long_threshold=None, long_pool_share=POOL_NATIVE_LONG_SHARE, allow_repeat=True, overlong="truncate",
         preprocess_workers=0,

@@ -15,7 +15,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOLS = ["tools/build_doc_pool.py", "tools/synthesize_vqa.py", "tools/mix_data.py", "tools/preprocess_data.py",
-         "tools/evaluate.py", "tools/compare_runs.py", "tools/checkpoint/convert.py", "megatron_vlm/train.py"]
+         "tools/evaluate.py", "tools/compare_runs.py", "tools/checkpoint/convert.py", "megatron_vlm/train.py",
+         "megatron_vlm/study/__main__.py"]
 
 # dests whose option strings or defaults differ on purpose
 ALLOWED = {
@@ -26,6 +27,9 @@ ALLOWED = {
     "timeout": "teacher calls (8-15 pages) vs evaluation calls (up to 512K-token contexts)",
     "model": "synthesis: the teacher's name at its endpoint; evaluation: repeatable model specs to compare",
     "dtype": "convert's subcommands: the checkpoint's dtype for conversion, fp32 for verify",
+    "token_budget": "mix_data: the largest mixture by default; a study: the paper's 5B per run (equal budgets)",
+    "short_data": "mix_data takes several FILE[:WEIGHT]; a study one file (the paper's LLaVA-OneVision data)",
+    "recipe": "the trainer requires one; a study defaults to the paper's 7B 128K recipe",
 }
 
 

@@ -105,7 +105,7 @@ def test_data_check_length_distribution():
     check_data(_variant("fig2_length", "extract-single_long"), long_ok, "x")
     # long-biased data without long samples (the pool lacks them)
     long_bad = _stats({ES: (100 * K * K, 900, 0.40, 127 * K)}, distribution="long-biased", pool_long={ES: 0.236})
-    with pytest.raises(StudyCheckError, match=r"40.0% of the samples.*claims >= 75.2% \(asked 83.9%\).*--long-pool"):
+    with pytest.raises(StudyCheckError, match=r"40.0% of the samples.*claims >= 75.2% \(asked 83.9%\).*--long-vqa"):
         check_data(_variant("fig2_length", "extract-single_long"), long_bad, "x")
     # the long-biased data claimed as pool-native (distribution recorded) ...
     with pytest.raises(StudyCheckError, match="distribution 'long-biased', claimed 'pool-native'"):
@@ -131,7 +131,7 @@ def test_rope_check_reads_the_saved_configs(tmp_path):
 def _dry_run(capsys, study: str, work: str) -> list[list[str]]:
     from megatron_vlm.study.__main__ import main
 
-    assert main([study, "--work", work, "--pool", "/p", "--short-data", "/s/llava.jsonl", "--base-checkpoint", "/c",
+    assert main([study, "--work", work, "--vqa", "/p", "--short-data", "/s/llava.jsonl", "--base-checkpoint", "/c",
                  "--eval-data", "mmlb:/m,images=/i", "--launcher", "slurm", "--dry-run"]) == 0
     out = capsys.readouterr().out
     return [shlex.split(line) for line in out.splitlines() if line and not line.startswith(("#", "["))]
@@ -211,7 +211,7 @@ def test_missing_inputs_are_named(tmp_path):
     from megatron_vlm.study.commands import StudyConfig
     from megatron_vlm.study.runner import StudyError, StudyRunner
 
-    cfg = StudyConfig("table3_short", str(tmp_path), pool=str(tmp_path), launcher="local")
+    cfg = StudyConfig("table3_short", str(tmp_path), vqa=str(tmp_path), launcher="local")
     with pytest.raises(StudyError, match=r"extract-single.jsonl.*--short-data.*--base-checkpoint.*--eval-data"):
         StudyRunner(cfg).run()
     with pytest.raises(StudyError, match="unknown variant"):
@@ -261,7 +261,7 @@ def _local_config(tmp_path, study: str, variants: list[str]):
     pool.mkdir(exist_ok=True)
     for task in ("extract-single", "extract-multi", "reasoning"):
         (pool / f"{task}.jsonl").write_text("{}\n")
-    return StudyConfig(study, str(tmp_path / "work"), pool=str(pool), launcher="local", recipe="tiny_cpu",
+    return StudyConfig(study, str(tmp_path / "work"), vqa=str(pool), launcher="local", recipe="tiny_cpu",
                        token_budget="24K", max_seq_len=2048, eval_data=["samples:x"], smoke=True, variants=variants,
                        train_sets=["schedule.global_batch_tokens=2048", "schedule.train_steps=2"])
 
@@ -303,7 +303,7 @@ def test_runner_stops_on_data_that_does_not_match_and_resumes(tmp_path, monkeypa
 
 
 def test_example_wrappers_pass_their_study_and_inputs(tmp_path):
-    """examples/ablations/<study>.sh: one per study, each the one command with POOL/SHORT_DATA/
+    """examples/ablations/<study>.sh: one per study, each the one command with VQA/SHORT_DATA/
     BASE_CHECKPOINT/WORK from the environment (checked on one by running it under --dry-run)."""
     import subprocess
     import sys
@@ -314,7 +314,7 @@ def test_example_wrappers_pass_their_study_and_inputs(tmp_path):
     for study in ABLATIONS:
         text = open(os.path.join(folder, f"{study}.sh")).read()
         assert f"-m megatron_vlm.study {study} " in text and '"$@"' in text
-    env = {**os.environ, "POOL": "/p", "BASE_CHECKPOINT": "/c", "WORK": str(tmp_path), "PYTHON": sys.executable}
+    env = {**os.environ, "VQA": "/p", "BASE_CHECKPOINT": "/c", "WORK": str(tmp_path), "PYTHON": sys.executable}
     out = subprocess.run(["bash", os.path.join(folder, "final.sh"), "--eval-data", "mmlb:/m,images=/i", "--dry-run"],
                          env=env, capture_output=True, text=True, check=True).stdout
     sbatch = [shlex.split(line) for line in out.splitlines() if line.startswith("sbatch ")]
