@@ -858,12 +858,42 @@ def _numeric_columns(table: Table, rows: Sequence[int]) -> list[int]:
     return [c for c in range(len(table.columns)) if table.numeric_column(c, rows) is not None]
 
 
-def table_difference(ctx: _Ctx, table: Table) -> Optional[QAPair]:
+def _numeric_rows_and_column(ctx: _Ctx, table: Table, min_rows: int,
+                             whole_table: bool = False) -> Optional[tuple[list[int], int]]:
+    """The table's plain rows and one numeric column drawn at random, or None when it has fewer than
+    ``min_rows`` rows or no numeric column. ``whole_table``: only tables read whole (complete, in a
+    named section, no unreadable row), for questions over every row."""
+    if whole_table and (not table.complete or not table.section or table.bad_rows):
+        return None
     rows = table.plain_rows()
     cols = _numeric_columns(table, rows)
-    if not cols or len(rows) < 2:
+    if len(rows) < min_rows or not cols:
         return None
-    c = ctx.rng.choice(cols)
+    return rows, ctx.rng.choice(cols)
+
+
+def _sum_answer(table: Table, rows: Sequence[int], c: int):
+    """(answer, answer format) of the sum of column ``c`` over ``rows``, at the cells' own precision."""
+    nums = [parse_number(table.cells[r][c]) for r in rows]
+    decimals = max(n.decimals for n in nums)  # type: ignore[union-attr]
+    return answer_for(nums[0], sum((n.value for n in nums), Decimal(0)), decimals)  # type: ignore
+
+
+def _unique_extreme(ctx: _Ctx, table: Table, rows: Sequence[int], c: int) -> Optional[tuple[int, bool]]:
+    """(row, largest?) of the one row holding the largest or smallest (drawn at random) value of
+    column ``c`` among ``rows``; None on a tie."""
+    values = {r: parse_number(table.cells[r][c]).value for r in rows}  # type: ignore[union-attr]
+    largest = ctx.rng.random() < 0.5
+    best = max(values.values()) if largest else min(values.values())
+    winners = [r for r, v in values.items() if v == best]
+    return (winners[0], largest) if len(winners) == 1 else None
+
+
+def table_difference(ctx: _Ctx, table: Table) -> Optional[QAPair]:
+    found = _numeric_rows_and_column(ctx, table, 2)
+    if found is None:
+        return None
+    rows, c = found
     r1, r2 = ctx.rng.sample(rows, 2)
     a, b = parse_number(table.cells[r1][c]), parse_number(table.cells[r2][c])
     assert a is not None and b is not None
@@ -877,16 +907,12 @@ def table_difference(ctx: _Ctx, table: Table) -> Optional[QAPair]:
 
 
 def table_sum(ctx: _Ctx, table: Table) -> Optional[QAPair]:
-    rows = table.plain_rows()
-    cols = _numeric_columns(table, rows)
-    if len(rows) < 2 or not cols:
+    found = _numeric_rows_and_column(ctx, table, 2)
+    if found is None:
         return None
-    c = ctx.rng.choice(cols)
+    rows, c = found
     chosen = sorted(ctx.rng.sample(rows, min(len(rows), ctx.rng.randint(2, 4))))
-    nums = [parse_number(table.cells[r][c]) for r in chosen]
-    decimals = max(n.decimals for n in nums)  # type: ignore[union-attr]
-    total = sum((n.value for n in nums), Decimal(0))  # type: ignore[union-attr]
-    answer, fmt = answer_for(nums[0], total, decimals)  # type: ignore[arg-type]
+    answer, fmt = _sum_answer(table, chosen, c)
     names = _join([_q(table.rows[r]) for r in chosen])
     question = f"In {_tref(table)}, what is the sum of the {_q(table.columns[c])} values of {names}?"
     return QAPair(question, answer, fmt, [table.page], ["Table"],
@@ -896,16 +922,11 @@ def table_sum(ctx: _Ctx, table: Table) -> Optional[QAPair]:
 
 def table_column_total(ctx: _Ctx, table: Table) -> Optional[QAPair]:
     """The sum of a numeric column over every row of a whole table (total rows left out, and named)."""
-    if not table.complete or not table.section or table.bad_rows:
+    found = _numeric_rows_and_column(ctx, table, 2, whole_table=True)
+    if found is None:
         return None
-    rows = table.plain_rows()
-    cols = _numeric_columns(table, rows)
-    if len(rows) < 2 or not cols:
-        return None
-    c = ctx.rng.choice(cols)
-    nums = [parse_number(table.cells[r][c]) for r in rows]
-    decimals = max(n.decimals for n in nums)  # type: ignore[union-attr]
-    answer, fmt = answer_for(nums[0], sum((n.value for n in nums), Decimal(0)), decimals)  # type: ignore
+    rows, c = found
+    answer, fmt = _sum_answer(table, rows, c)
     totals = table.total_rows()
     but = f", leaving out the row {_join([_q(table.rows[r]) for r in totals])}" if totals else ""
     question = f"What is the sum of all {_q(table.columns[c])} values in {_tref(table)}{but}?"
@@ -916,55 +937,46 @@ def table_column_total(ctx: _Ctx, table: Table) -> Optional[QAPair]:
 
 def table_column_extreme(ctx: _Ctx, table: Table) -> Optional[QAPair]:
     """Which row of a whole table has the largest/smallest value of a column."""
-    if not table.complete or not table.section or table.bad_rows:
+    found = _numeric_rows_and_column(ctx, table, 3, whole_table=True)
+    if found is None:
         return None
-    rows = table.plain_rows()
-    cols = _numeric_columns(table, rows)
-    if len(rows) < 3 or not cols:
+    rows, c = found
+    extreme = _unique_extreme(ctx, table, rows, c)
+    if extreme is None:
         return None
-    c = ctx.rng.choice(cols)
-    values = {r: parse_number(table.cells[r][c]).value for r in rows}  # type: ignore[union-attr]
-    largest = ctx.rng.random() < 0.5
-    best = max(values.values()) if largest else min(values.values())
-    winners = [r for r, v in values.items() if v == best]
-    if len(winners) != 1:
-        return None
+    winner, largest = extreme
     word = "largest" if largest else "smallest"
     question = (f"In {_tref(table)}, which {_q(table.label_header)} entry has the {word} {_q(table.columns[c])} "
                 f"value?")
-    return QAPair(question, table.rows[winners[0]], "String", [table.page], ["Table"],
+    return QAPair(question, table.rows[winner], "String", [table.page], ["Table"],
                   f"Page {table.page}: " + ", ".join(f"{table.rows[r]} {table.cells[r][c]}" for r in rows),
                   {"op": "argmax" if largest else "argmin", "whole_column": True,
                    "cells": [_cell_item(table, r, c) for r in rows]})
 
 
 def table_extreme(ctx: _Ctx, table: Table) -> Optional[QAPair]:
-    rows = table.plain_rows()
-    cols = _numeric_columns(table, rows)
-    if len(rows) < 3 or not cols:
+    found = _numeric_rows_and_column(ctx, table, 3)
+    if found is None:
         return None
-    c = ctx.rng.choice(cols)
+    rows, c = found
     chosen = sorted(ctx.rng.sample(rows, min(len(rows), ctx.rng.randint(3, 5))))
-    values = {r: parse_number(table.cells[r][c]).value for r in chosen}  # type: ignore[union-attr]
-    largest = ctx.rng.random() < 0.5
-    best = max(values.values()) if largest else min(values.values())
-    winners = [r for r, v in values.items() if v == best]
-    if len(winners) != 1:
+    extreme = _unique_extreme(ctx, table, chosen, c)
+    if extreme is None:
         return None
+    winner, largest = extreme
     word = "largest" if largest else "smallest"
     names = _join([_q(table.rows[r]) for r in chosen])
     question = f"In {_tref(table)}, which of {names} has the {word} {_q(table.columns[c])} value?"
-    return QAPair(question, table.rows[winners[0]], "String", [table.page], ["Table"],
+    return QAPair(question, table.rows[winner], "String", [table.page], ["Table"],
                   f"Page {table.page}: " + ", ".join(f"{table.rows[r]} {table.cells[r][c]}" for r in chosen),
                   {"op": "argmax" if largest else "argmin", "cells": [_cell_item(table, r, c) for r in chosen]})
 
 
 def table_count(ctx: _Ctx, table: Table) -> Optional[QAPair]:
-    rows = table.plain_rows()
-    cols = _numeric_columns(table, rows)
-    if len(rows) < 3 or not cols:
+    found = _numeric_rows_and_column(ctx, table, 3)
+    if found is None:
         return None
-    c = ctx.rng.choice(cols)
+    rows, c = found
     if len(rows) > 8:  # name the rows in the question: keep it readable
         rows = sorted(ctx.rng.sample(rows, 6))
     values = {r: parse_number(table.cells[r][c]).value for r in rows}  # type: ignore[union-attr]
