@@ -31,7 +31,7 @@ from megatron_vlm.common.storage import atomic_write_bytes
 from megatron_vlm.eval.build import format_length, parse_length
 from megatron_vlm.eval.published import (AVG, SHORT_CONTEXT_COLUMNS, SHORT_CONTEXT_TABLE3, PublishedRow,
                                          PublishedTable, published_table)
-from megatron_vlm.eval.report import PAPER_DATASET_NAMES, model_styles, paper_dataset_order
+from megatron_vlm.eval.report import PAPER_DATASET_NAMES, model_styles, paper_dataset_order, style_length_axes
 
 DEFAULT_LENGTHS = (64 * 1024, 128 * 1024)
 OUTPUTS = ("comparison.md", "comparison.csv", "comparison.png")
@@ -399,16 +399,8 @@ def plot(comp: Comparison, path: str) -> str:
                 if pts:
                     ax.scatter(*zip(*pts), marker="*", s=170, facecolors="none", edgecolors=[colors[name]],
                                linewidths=1.5, zorder=20)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([format_length(n) for n in lengths], rotation=45 if len(lengths) > 5 else 0)
-        ax.minorticks_off()
-        ax.set_xlim(lengths[0] / 2 ** 0.5, lengths[-1] * 2 ** 0.5)
-        ax.set_ylim(-3, 103)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("score (x100)")
-        ax.grid(True, alpha=0.3)
+        style_length_axes(ax, lengths, [format_length(n) for n in lengths], title, margin=2 ** 0.5,
+                          ylabel="score (x100)", fontsize=10)
     ax = list(axes.flat)[len(panels)]
     width = 0.38
     for i, name in enumerate(names):

@@ -483,14 +483,19 @@ def _mmlb_files(path: str) -> dict[str, dict[int, str]]:
     return grouped
 
 
-def read_mmlongbench(spec: DataSpec, cfg: DataConfig) -> list[EvalSet]:
-    _check_options(spec, ("images", "name", "evidence_offset"))
+def image_root_option(spec: DataSpec, kind: str, what: str) -> str:
+    """The ``images=DIR`` option of a ``--data`` spec, which must name an existing folder."""
     image_root = spec.options.get("images")
     if not image_root:
-        raise DataError(f"--data mmlb:{spec.path}: give the page-image folder with ,images=DIR "
-                        "(the mmlb_image folder that page_list paths are relative to)")
+        raise DataError(f"--data {kind}:{spec.path}: give the image folder with ,images=DIR ({what})")
     if not os.path.isdir(image_root):
         raise DataError(f"image folder {image_root} does not exist")
+    return image_root
+
+
+def read_mmlongbench(spec: DataSpec, cfg: DataConfig) -> list[EvalSet]:
+    _check_options(spec, ("images", "name", "evidence_offset"))
+    image_root = image_root_option(spec, "mmlb", "the mmlb_image folder that page_list paths are relative to")
     offset_opt = spec.options.get("evidence_offset", "official")
     if offset_opt not in ("official", "auto", "0", "1"):
         raise DataError(f"evidence_offset must be official, auto, 0 or 1, not {offset_opt!r}")

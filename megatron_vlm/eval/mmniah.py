@@ -45,7 +45,7 @@ from typing import Any, Optional, Sequence, Union
 
 from megatron_vlm.common.jsonl import iter_jsonl_lines
 from megatron_vlm.eval.data import (ContextItem, DataConfig, DataError, DataSpec, Dropped, EvalExample, EvalSet,
-                                    _check_options, page_tokens)
+                                    _check_options, image_root_option, page_tokens)
 from megatron_vlm.eval.mmniah_metrics import FAMILIES, VARIANTS, check_answer, dataset_name, metric_of
 
 KIND = "mmlb-niah"
@@ -112,12 +112,8 @@ def niah_files(path: str) -> dict[tuple[str, str], dict[int, str]]:
 # ------------------------------------------------------------------------- records
 def read_mmniah(spec: DataSpec, cfg: DataConfig) -> list[EvalSet]:
     _check_options(spec, ("images",))
-    image_root = spec.options.get("images")
-    if not image_root:
-        raise DataError(f"--data {KIND}:{spec.path}: give the image folder with ,images=DIR (the folder "
-                        "that image_list paths are relative to, MMLongBench's image root)")
-    if not os.path.isdir(image_root):
-        raise DataError(f"image folder {image_root} does not exist")
+    image_root = image_root_option(spec, KIND,
+                                   "the folder that image_list paths are relative to, MMLongBench's image root")
     grouped = niah_files(spec.path)
     sets = []
     for family in FAMILIES:

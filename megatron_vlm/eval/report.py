@@ -293,6 +293,22 @@ def model_styles(models: Sequence[str]) -> dict[str, dict]:
     return styles
 
 
+def style_length_axes(ax, lengths: Sequence[int], labels: Sequence[str], title: str, margin: float,
+                      ylabel: str, fontsize: int) -> None:
+    """A score-vs-context-length panel: log2 x axis ticked at the lengths, scores 0-100, light grid."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels(labels, rotation=45 if len(lengths) > 5 else 0)
+    ax.minorticks_off()
+    if len(lengths) > 1:
+        ax.set_xlim(lengths[0] / margin, lengths[-1] * margin)
+    ax.set_ylim(-3, 103)
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
 def plot_curves(report: dict, path: str) -> str:
     """Score vs length, one line per model (see :func:`plot_panels` and :func:`model_styles`)."""
     import matplotlib
@@ -324,17 +340,7 @@ def plot_curves(report: dict, path: str) -> str:
             ax.plot(xs, ys, marker=style["marker"], linestyle=style["linestyle"], markersize=style["markersize"],
                     zorder=style["zorder"], linewidth=1.6, markerfacecolor="none" if style["zorder"] > 2 else None,
                     markeredgewidth=1.4, label=model)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels(labels, rotation=45 if len(lengths) > 5 else 0)
-        ax.minorticks_off()
-        if len(lengths) > 1:
-            ax.set_xlim(lengths[0] / 2 ** 0.35, lengths[-1] * 2 ** 0.35)
-        ax.set_ylim(-3, 103)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("score")
-        ax.grid(True, alpha=0.3)
+        style_length_axes(ax, lengths, labels, title, margin=2 ** 0.35, ylabel="score", fontsize=9)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
