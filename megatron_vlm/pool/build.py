@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from megatron_vlm.data.image_processing import image_token_count, smart_resize
 from megatron_vlm.pool import pdf as pdfmod
 from megatron_vlm.common.inputs import select_shard, sha256_file
-from megatron_vlm.pool.language import detect_language, sample_text
+from megatron_vlm.pool.language import detect_language, identify_language, sample_text
 from megatron_vlm.pool.layout import LAYOUT_METHODS, Block, label_document
 from megatron_vlm.pool.near_dup import NearDuplicateFinder, text_minhash
 from megatron_vlm.pool.pdf import IMAGE_SUFFIX, OcrSettings, PdfLimits, PdfRejected
@@ -366,7 +366,7 @@ def build_record(task: DocTask, cfg: PoolConfig, timing: Optional[dict] = None) 
         body = sample_text(b.text for blocks in labelled for b in blocks
                            if b.label in ("paragraph", "list", "caption", "section", "title"))
         language = detect_language(body)
-        language_confidence = text_quality.identify_language(body)[1] if language != "unknown" else 0.0
+        language_confidence = identify_language(body)[1] if language != "unknown" else 0.0
         page_blocks = []
         for record, content, blocks in zip(pages, contents, labelled):
             record.num_blocks = len(blocks)

@@ -34,4 +34,19 @@ def detect_language(text: str) -> str:
     return str(language)
 
 
-__all__ = ["UNKNOWN", "detect_language", "sample_text"]
+_IDENTIFIER = None
+
+
+def identify_language(text: str) -> tuple[str, float]:
+    """(language, normalised probability in [0, 1]) of ``text``: the confidence the text-layer check
+    needs (py3langid's plain ``classify`` gives an unnormalised score)."""
+    global _IDENTIFIER
+    if _IDENTIFIER is None:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+        _IDENTIFIER = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    language, confidence = _IDENTIFIER.classify(text)
+    return str(language), round(float(confidence), 4)
+
+
+__all__ = ["UNKNOWN", "detect_language", "identify_language", "sample_text"]

@@ -40,6 +40,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+from megatron_vlm.pool.language import identify_language
+
 MAX_CHECK_CHARS = 50_000  # a page's text is judged on its first characters (plot pages reach ~41k)
 MIN_VISIBLE = 20  # fewer visible characters than this: too little to judge (a page number, a title)
 MIN_LETTERS = 20
@@ -191,20 +193,6 @@ def character_stats(text: str) -> dict:
 
 
 # -------------------------------------------------------------------------------------- language
-
-_IDENTIFIER = None
-
-
-def identify_language(text: str) -> tuple[str, float]:
-    """(py3langid language, normalised probability in [0, 1]) of ``text``."""
-    global _IDENTIFIER
-    if _IDENTIFIER is None:
-        from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-        _IDENTIFIER = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    language, confidence = _IDENTIFIER.classify(text)
-    return str(language), round(float(confidence), 4)
-
 
 # ---------------------------------------------------------------------------------------- repair
 
@@ -378,7 +366,6 @@ __all__ = [
     "Repair",
     "character_stats",
     "check_page_text",
-    "identify_language",
     "page_ranges",
     "plan_broken_pages",
     "similarity",
